@@ -1,0 +1,11 @@
+"""The shared rotation-trick quantizer: pure estimator functions, drop-in modules and codebook statistics."""
+from .functional import (GRADIENTS, check_gradient, nearest_code, reflect, rotate, rotation_trick,
+                         straight_through)
+from .modules import NormRotationQuantizer, RotationVectorQuantizer
+from .stats import CodebookStats, codebook_log_dict, perplexity_from_counts
+
+__all__ = [
+    "GRADIENTS", "check_gradient", "nearest_code", "reflect", "rotate", "rotation_trick", "straight_through",
+    "RotationVectorQuantizer", "NormRotationQuantizer", "CodebookStats", "codebook_log_dict",
+    "perplexity_from_counts",
+]

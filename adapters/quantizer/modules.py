@@ -1,0 +1,146 @@
+"""Drop-in vector quantizers with a choice of gradient estimator (see ``functional`` for the math).
+
+``RotationVectorQuantizer`` subclasses taming's ``VectorQuantizer2``: same constructor arguments, state-dict keys
+(``embedding.weight``, plus ``used`` with ``remap``), forward return and ``get_codebook_entry``; with
+``gradient="ste"`` its forward pass is upstream's, bit for bit. ``NormRotationQuantizer`` is the same module behind
+enhancing-transformers' ``VectorQuantizer`` interface (l2-normalised lookup, ``(B, T, C)`` input).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from taming.modules.vqvae.quantize import VectorQuantizer2
+from torch import Tensor
+
+from .functional import check_gradient, nearest_code, rotation_trick
+from .stats import CodebookStats
+
+
+class RotationVectorQuantizer(VectorQuantizer2):
+    """taming's ``VectorQuantizer2`` with the rotation trick (or another named estimator) in place of the copy.
+
+    Extra arguments:
+      gradient: one of ``functional.GRADIENTS``; default ``rotation`` (the paper's formula).
+      use_norm: look codes up between l2-normalised vectors and output the normalised codeword (ViT-VQGAN).
+      search_chunk_size: rows per block of the nearest-code search (default: blocks of at most
+        ``search_max_bytes``), bounding its memory; indices equal the full distance matrix's.
+      track_stats: keep codebook statistics (``last_stats``, ``epoch_stats()``); they never enter the state dict.
+    """
+
+    def __init__(self, n_e: int, e_dim: int, beta: float = 0.25, remap: Optional[str] = None,
+                 unknown_index: Any = "random", sane_index_shape: bool = False, legacy: bool = True,
+                 gradient: str = "rotation", use_norm: bool = False, search_chunk_size: Optional[int] = None,
+                 search_max_bytes: int = 64 * 2**20, track_stats: bool = True) -> None:
+        super().__init__(n_e, e_dim, beta, remap=remap, unknown_index=unknown_index,
+                         sane_index_shape=sane_index_shape, legacy=legacy)
+        self.gradient = check_gradient(gradient)
+        self.use_norm = bool(use_norm)
+        if search_chunk_size is not None and search_chunk_size <= 0:
+            raise ValueError(f"search_chunk_size must be a positive number of rows or None, got {search_chunk_size}")
+        self.search_chunk_size = search_chunk_size
+        self.search_max_bytes = int(search_max_bytes)
+        self.track_stats = bool(track_stats)
+        self.stats = CodebookStats(n_e)
+
+    # --- statistics -----------------------------------------------------------------------------------------
+    @property
+    def last_stats(self) -> dict[str, Tensor]:
+        """Statistics of the last forward: usage, used_codes, dead_codes, perplexity, quant_error (0-d tensors)."""
+        return self.stats.last
+
+    @property
+    def code_counts(self) -> Tensor:
+        """(n_e,) codes chosen since the last reset, this rank only."""
+        return self.stats.code_counts
+
+    def epoch_stats(self, reset: bool = True) -> dict[str, Tensor]:
+        """Accumulated statistics since the last reset, summed over ranks (every rank must call it)."""
+        return self.stats.compute(reset=reset)
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+
+    # --- quantization ---------------------------------------------------------------------------------------
+    def norm(self, x: Tensor) -> Tensor:
+        """l2-normalise the last dimension in ``use_norm`` mode; identity otherwise."""
+        return F.normalize(x, dim=-1) if self.use_norm else x
+
+    def quantize_flat(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Quantize rows. z: (N, d). Returns (output (N, d), codebook loss (0-d), indices (N,))."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            # The search runs in fp32 even under autocast: fp16 distances mis-rank close codes.
+            idx = nearest_code(self.norm(z.detach().float()), self.norm(self.embedding.weight.float()),
+                               chunk_rows=self.search_chunk_size, max_bytes=self.search_max_bytes)
+        z_q = self.norm(self.embedding(idx))
+        z_l = self.norm(z)
+        if not self.legacy:
+            loss = self.beta * torch.mean((z_q.detach() - z_l) ** 2) + torch.mean((z_q - z_l.detach()) ** 2)
+        else:
+            loss = torch.mean((z_q.detach() - z_l) ** 2) + self.beta * torch.mean((z_q - z_l.detach()) ** 2)
+        if self.track_stats:
+            self.stats.update(idx, z_l, z_q)
+        # The rotation goes from the raw encoder output onto the (normalised) codeword, as the released code does.
+        out = rotation_trick(z, z_q, self.gradient)
+        return out, loss, idx
+
+    def forward(self, z: Tensor, temp: Optional[float] = None, rescale_logits: bool = False,
+                return_logits: bool = False) -> tuple[Tensor, Tensor, tuple[None, None, Tensor]]:
+        """z: (B, C, H, W) -> (z_q (B, C, H, W), loss, (None, None, indices)), as taming's ``VectorQuantizer2``.
+
+        indices are (B*H*W, 1)-shaped like upstream's after remapping, (B*H*W,) otherwise, or (B, H, W) with
+        ``sane_index_shape``.
+        """
+        if temp not in (None, 1.0) or rescale_logits or return_logits:
+            raise ValueError("temp, rescale_logits and return_logits exist only for Gumbel-interface compatibility")
+        if z.dim() != 4 or z.shape[1] != self.e_dim:
+            raise ValueError(f"expected z of shape (B, {self.e_dim}, H, W), got {tuple(z.shape)}")
+        z = rearrange(z, "b c h w -> b h w c").contiguous()
+        out, loss, idx = self.quantize_flat(z.view(-1, self.e_dim))
+        z_q = rearrange(out.view(z.shape), "b h w c -> b c h w").contiguous()
+
+        if self.remap is not None:
+            idx = self.remap_to_used(idx.reshape(z.shape[0], -1)).reshape(-1, 1)
+        if self.sane_index_shape:
+            idx = idx.reshape(z_q.shape[0], z_q.shape[2], z_q.shape[3])
+        return z_q, loss, (None, None, idx)
+
+    def get_codebook_entry(self, indices: Tensor, shape: Optional[tuple[int, ...]]) -> Tensor:
+        """Codewords for indices; shape (B, H, W, C) gives (B, C, H, W) as upstream. Normalised in use_norm mode."""
+        z_q = super().get_codebook_entry(indices, shape)
+        if self.use_norm:
+            z_q = F.normalize(z_q, dim=1 if shape is not None else -1)
+        return z_q
+
+
+class NormRotationQuantizer(RotationVectorQuantizer):
+    """The shared quantizer behind enhancing-transformers' ``VectorQuantizer`` interface (ViT-VQGAN).
+
+    Same argument names (``embed_dim, n_embed, beta, use_norm``), ``N(0, 1)`` codebook initialisation, loss term
+    order (taming's ``legacy=False``), and return ``(z_q (B, T, C), loss, indices (B, T))``. With
+    ``gradient="ste"`` it reproduces upstream's forward and backward.
+    """
+
+    def __init__(self, embed_dim: int, n_embed: int, beta: float = 0.25, use_norm: bool = True,
+                 use_residual: bool = False, num_quantizers: Optional[int] = None, gradient: str = "rotation",
+                 search_chunk_size: Optional[int] = None, track_stats: bool = True, **kwargs: Any) -> None:
+        if use_residual:
+            raise ValueError("use_residual (residual VQ) is not supported by the rotation-trick quantizer; "
+                             "set quantizer.use_residual: false")
+        super().__init__(n_embed, embed_dim, beta, legacy=False, gradient=gradient, use_norm=use_norm,
+                         search_chunk_size=search_chunk_size, track_stats=track_stats)
+        self.embedding.weight.data.normal_()
+        self.embed_dim = embed_dim
+        self.n_embed = n_embed
+        self.use_residual = False
+        self.num_quantizers = num_quantizers
+        self.straight_through = True
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        """z: (B, T, C) -> (z_q (B, T, C), loss, indices (B, T))."""
+        if z.shape[-1] != self.embed_dim:
+            raise ValueError(f"expected z with last dimension {self.embed_dim}, got {tuple(z.shape)}")
+        out, loss, idx = self.quantize_flat(z.reshape(-1, self.embed_dim))
+        return out.view(z.shape), loss, idx.view(*z.shape[:-1])
