@@ -6,11 +6,11 @@ l2-normalised for ViT-VQGAN). Perplexity is exp(entropy) of the code histogram.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def perplexity_from_counts(counts: Tensor) -> Tensor:
@@ -37,23 +37,33 @@ def summarize(counts: Tensor, err_sum: Tensor, n_vectors: Tensor) -> dict[str, T
     }
 
 
-class CodebookStats(nn.Module):
+class CodebookStats:
     """Keeps a code histogram and the summed quantization error since the last reset.
 
-    Buffers are non-persistent, so a quantizer that owns one keeps upstream's state-dict keys.
+    Deliberately not an ``nn.Module`` with buffers: DDP broadcasts every buffer (persistent or not) from rank 0
+    before each forward, which would overwrite the other ranks' counts. The tensors follow the device of the
+    indices they are given, and never enter a state dict.
     """
 
-    def __init__(self, n_codes: int) -> None:
-        super().__init__()
+    def __init__(self, n_codes: int, device: Optional[torch.device | str] = None) -> None:
         self.n_codes = n_codes
-        self.register_buffer("code_counts", torch.zeros(n_codes, dtype=torch.long), persistent=False)
-        self.register_buffer("err_sum", torch.zeros((), dtype=torch.float64), persistent=False)
-        self.register_buffer("n_vectors", torch.zeros((), dtype=torch.long), persistent=False)
+        self.code_counts = torch.zeros(n_codes, dtype=torch.long, device=device)
+        self.err_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.n_vectors = torch.zeros((), dtype=torch.long, device=device)
         self.last: dict[str, Tensor] = {}
+
+    def to(self, device: torch.device | str) -> "CodebookStats":
+        """Move the accumulators to ``device`` (in place); returns self."""
+        self.code_counts = self.code_counts.to(device)
+        self.err_sum = self.err_sum.to(device)
+        self.n_vectors = self.n_vectors.to(device)
+        return self
 
     @torch.no_grad()
     def update(self, indices: Tensor, e: Tensor, q: Tensor) -> dict[str, Tensor]:
         """Record one batch. indices: (N,) codebook rows; e, q: (N, d) lookup-space vectors. Returns batch stats."""
+        if self.code_counts.device != indices.device:
+            self.to(indices.device)
         counts = torch.bincount(indices.reshape(-1), minlength=self.n_codes)
         err = ((e.detach().float() - q.detach().float()) ** 2).sum(dim=-1)
         err_sum = err.sum().double()
@@ -78,6 +88,9 @@ class CodebookStats(nn.Module):
         counts = self.code_counts.clone()
         packed = torch.stack([self.err_sum, self.n_vectors.double()])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only (a rank may not have run a batch yet)
+                device = torch.device("cuda", torch.cuda.current_device())
+                counts, packed = counts.to(device), packed.to(device)
             dist.all_reduce(counts)
             dist.all_reduce(packed)
         out = summarize(counts, packed[0], packed[1])
