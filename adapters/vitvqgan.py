@@ -1,0 +1,348 @@
+"""enhancing-transformers' ViT-VQGAN (``ViTVQ``) with the shared rotation-trick quantizer, trained under Lightning 2.
+
+``RotationViTVQ`` (config ``target: adapters.vitvqgan.RotationViTVQ``) takes upstream ``ViTVQ``'s arguments plus
+
+  gradient: ste | rotation | rotation_released | reflection | rotation_unscaled   (see ``adapters.quantizer``)
+
+and replaces upstream's ``VectorQuantizer`` by ``NormRotationQuantizer`` (l2-normalised lookup, same codebook,
+same loss, same state-dict keys). ``gradient: ste`` is upstream ``ViTVQ`` numerically; ``rotation_released`` is the
+authors' Table 4 code (``ROT_ViTVQ``): the raw ``pre_quant`` output is rotated onto the normalised codeword.
+Upstream ``ViTVQ`` checkpoints, including the authors' released Table 4 one, load with no missing or unexpected keys.
+
+Training is Lightning 2 manual optimisation reproducing what Lightning 1.5 did with upstream's two optimizers: per
+batch, the autoencoder update (loss with ``optimizer_idx=0``, discriminator frozen), then a fresh forward pass and
+the discriminator update (``optimizer_idx=1``, autoencoder frozen); both losses see the same step, which counts
+batches (optimizer steps with ``update_every`` > 1) as upstream did. Optimizers (AdamW, betas (0.9, 0.99), weight
+decay 1e-4) and schedulers are upstream's ``configure_optimizers``.
+
+Logged besides upstream's keys: ``{split}/codebook_usage`` (fraction of the codebook used by a batch; its epoch mean
+is the paper's per-batch usage), ``{split}/quant_error`` (mean ||e - q||^2 between normalised vectors),
+``{split}/perplexity``, ``{split}/used_codes``, ``{split}/dead_codes``; the same accumulated over a whole training
+epoch or validation run across all ranks with the suffix ``_total``; and a ``codebook_usage`` picture beside the
+reconstructions (one pixel per code, brightness log(1 + count), black = unused).
+
+Also here: ``VQLPIPSWithDiscriminator`` (upstream's loss, buildable offline) and ``ImageNetTrain`` /
+``ImageNetValidation`` (the project's local ImageNet folders with upstream's transforms, enhancing's batch format).
+Importing this module needs the enhancing-transformers tree on ``sys.path`` (its ``main.py`` and the tests do that).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator, Optional, Sequence, Union
+from unittest import mock
+
+import torch
+from enhancing.losses import vqperceptual
+from enhancing.modules.stage1.vitvqgan import ViTVQ
+from enhancing.utils.general import initialize_from_config
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+from torchvision import transforms as T
+
+from adapters.data import ImageNetFolder
+from adapters.losses import MissingWeightsError
+from adapters.quantizer import GRADIENTS, NormRotationQuantizer, codebook_log_dict
+from adapters.quantizer.stats import CodebookStats
+
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, which lpips.LPIPS(net="vgg") loads
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+OFFLINE_ENV = "ROTATION_TRICK_OFFLINE"  # set to 1: fail at once instead of trying to download the weights
+
+
+# --- loss -----------------------------------------------------------------------------------------------------------
+def vgg16_weights_path() -> Path:
+    """Where torchvision (and so LPIPS) looks for the VGG16 weights: $TORCH_HOME/hub/checkpoints/."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+
+
+def missing_vgg16_message() -> str:
+    return (f"the perceptual (LPIPS) loss needs torchvision's VGG16 ImageNet weights, which are missing here and "
+            f"could not be downloaded: put {VGG16_FILE} (from {VGG16_URL}) at {vgg16_weights_path()} (set "
+            f"TORCH_HOME to move that folder), or set model.params.loss.params.perceptual_weight: 0 to train "
+            f"without LPIPS. (LPIPS's own linear heads ship inside the lpips package.)")
+
+
+class _NoPerceptualLoss(nn.Module):
+    """LPIPS stand-in for perceptual_weight 0: upstream still evaluates the term (and logs it), so it returns 0."""
+
+    def forward(self, inputs: Tensor, reconstructions: Tensor) -> Tensor:
+        """inputs, reconstructions: (B, 3, H, W) -> zeros (B, 1, 1, 1), LPIPS's output shape."""
+        return inputs.new_zeros(inputs.shape[0], 1, 1, 1)
+
+
+class VQLPIPSWithDiscriminator(vqperceptual.VQLPIPSWithDiscriminator):
+    """enhancing's ``VQLPIPSWithDiscriminator`` (same arguments, forward, log keys and state-dict keys), buildable offline.
+
+    ``perceptual_weight: 0`` builds no LPIPS network (upstream builds it, downloading VGG16, whatever its weight).
+    Otherwise LPIPS is built as upstream; when its VGG16 weights are neither on disk nor downloadable the error
+    names the file and where it goes (``MissingWeightsError``).
+
+    ``discriminator: {target: ..., params: ...}`` (optional) builds that module in place of upstream's
+    ``StyleDiscriminator(**disc_params)``, e.g. upstream's small ``enhancing.losses.layers.PatchDiscriminator`` for
+    the CPU-sized tiny configs (a StyleGAN2 discriminator keeps 512 channels at every resolution up to 32 pixels).
+    """
+
+    def __init__(self, *args: Any, perceptual_weight: float = 1.0, discriminator: Optional[Any] = None,
+                 **kwargs: Any) -> None:
+        with self._substitutes(perceptual_weight, discriminator, kwargs):
+            if perceptual_weight == 0:
+                super().__init__(*args, perceptual_weight=perceptual_weight, **kwargs)
+                return
+            had_weights = vgg16_weights_path().is_file()
+            if not had_weights and os.environ.get(OFFLINE_ENV, "0") not in ("", "0"):
+                raise MissingWeightsError(missing_vgg16_message())
+            try:
+                super().__init__(*args, perceptual_weight=perceptual_weight, **kwargs)
+            except Exception as err:  # urllib/requests connection errors, truncated files, ...
+                if had_weights:
+                    raise
+                raise MissingWeightsError(missing_vgg16_message()) from err
+
+    @staticmethod
+    @contextmanager
+    def _substitutes(perceptual_weight: float, discriminator: Optional[Any], kwargs: dict) -> Iterator[None]:
+        """Swap the classes upstream's constructor builds, for its duration only."""
+        patches = []
+        if perceptual_weight == 0:
+            patches.append(mock.patch.object(vqperceptual, "lpips",
+                                             SimpleNamespace(LPIPS=lambda **_: _NoPerceptualLoss())))
+        if discriminator is not None:
+            if kwargs.get("disc_params"):
+                raise ValueError("give either loss.params.discriminator (a target/params module) or "
+                                 "loss.params.disc_params (upstream's StyleDiscriminator), not both")
+            patches.append(mock.patch.object(vqperceptual, "StyleDiscriminator",
+                                             lambda **_: initialize_from_config(_as_config(discriminator))))
+        with contextlib.ExitStack() as stack:
+            for p in patches:
+                stack.enter_context(p)
+            yield
+
+
+# --- data -----------------------------------------------------------------------------------------------------------
+class _EnhancingImageNet(ImageNetFolder):
+    """A local ImageNet split (``adapters.data.ImageNetFolder`` listing) with enhancing's torchvision transforms.
+
+    Item: {"image": float32 (3, H, W) in [0, 1], "class": LongTensor (1,), "class_label", "file_path_"}.
+    Upstream's own loader needs torchvision's ImageNet devkit archives; this one reads <root>/{train,val}/<wnid>/.
+    """
+
+    def __init__(self, split: str, root: Optional[str] = None, resolution: Union[int, Sequence[int]] = 256,
+                 transform: Optional[T.Compose] = None, classes: Optional[Union[int, Sequence[str]]] = None,
+                 max_images: Optional[int] = None) -> None:
+        size = resolution if isinstance(resolution, int) else int(resolution[0])
+        super().__init__(root=root, split=split, size=size, classes=classes, max_images=max_images, layout="chw")
+        self.transform = transform
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from PIL import Image
+
+        path, wnid = self.items[i]
+        with Image.open(path) as img:
+            image = self.transform(img.convert("RGB"))
+        label = self.class_to_label[wnid]
+        return {"image": image, "class": torch.tensor([label]), "class_label": label, "file_path_": str(path)}
+
+
+class ImageNetTrain(_EnhancingImageNet):
+    """Training split; upstream's ``ImageNetTrain`` transform: Resize(shorter side), RandomCrop, horizontal flip."""
+
+    def __init__(self, root: Optional[str] = None, resolution: Union[int, Sequence[int]] = 256, **kwargs: Any) -> None:
+        transform = T.Compose([T.Resize(resolution), T.RandomCrop(resolution), T.RandomHorizontalFlip(),
+                               T.ToTensor()])
+        super().__init__("train", root, resolution, transform, **kwargs)
+
+
+class ImageNetValidation(_EnhancingImageNet):
+    """Validation split; upstream's ``ImageNetValidation`` transform: Resize to (r, r), CenterCrop."""
+
+    def __init__(self, root: Optional[str] = None, resolution: Union[int, Sequence[int]] = 256, **kwargs: Any) -> None:
+        res = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        transform = T.Compose([T.Resize(res), T.CenterCrop(res), T.ToTensor()])
+        super().__init__("val", root, resolution, transform, **kwargs)
+
+
+# --- model ----------------------------------------------------------------------------------------------------------
+def _as_config(value: Any) -> Any:
+    """Upstream reads ``encoder.dim`` etc. as attributes: accept plain dicts too (tests, Python callers)."""
+    return OmegaConf.create(value) if isinstance(value, dict) else value
+
+
+def usage_picture(counts: Tensor) -> Tensor:
+    """Codebook usage as an image. counts: (K,) code counts -> (1, 3, h, w) in [0, 1], one pixel per code
+    (row-major, h = 2^floor(log2(K)/2)), brightness log(1 + count) / log(1 + max count), black = never used."""
+    k = counts.numel()
+    h = 2 ** (int(math.log2(max(k, 1))) // 2)
+    w = math.ceil(k / h)
+    values = torch.log1p(counts.detach().float().cpu())
+    values = values / values.max().clamp_min(1e-12)
+    grid = torch.zeros(h * w)
+    grid[:k] = values
+    return grid.view(1, 1, h, w).expand(1, 3, h, w).contiguous()
+
+
+class RotationViTVQ(ViTVQ):
+    """Upstream ``ViTVQ`` with ``NormRotationQuantizer`` in ``self.quantizer`` (see the module docstring).
+
+    Input batches: ``batch[image_key]`` float (B, 3, H, W) in [0, 1]; ``forward(x)`` returns
+    ``(reconstruction (B, 3, H, W), codebook loss)`` as upstream.
+    """
+
+    def __init__(self, image_key: str, image_size: int, patch_size: int, encoder: Any, decoder: Any,
+                 quantizer: Any, loss: Any, path: Optional[str] = None, ignore_keys: Sequence[str] = (),
+                 scheduler: Optional[Any] = None, gradient: str = "rotation") -> None:
+        if gradient not in GRADIENTS:
+            raise ValueError(f"unknown gradient {gradient!r} in model.params.gradient; choose one of "
+                             f"{', '.join(GRADIENTS)}")
+        encoder, decoder, quantizer, loss = map(_as_config, (encoder, decoder, quantizer, loss))
+        scheduler = _as_config(scheduler)
+        if "gradient" in quantizer:
+            raise ValueError("put the estimator at model.params.gradient, not model.params.quantizer.gradient")
+        # The checkpoint is loaded after the quantizer swap (upstream would load it into its own quantizer).
+        super().__init__(image_key, image_size, patch_size, encoder, decoder, quantizer, loss, None,
+                         list(ignore_keys), scheduler)
+        upstream = self.quantizer
+        self.quantizer = NormRotationQuantizer(gradient=gradient, **OmegaConf.to_container(quantizer))
+        self.quantizer.load_state_dict(upstream.state_dict())  # same initial codebook as upstream for a seed
+        self.gradient = gradient
+        self.automatic_optimization = False
+        self.update_every = 1  # main.py sets it from -u; gradients are accumulated over this many batches
+        self._train_counts: list[CodebookStats] = []
+        if path is not None:
+            self.init_from_ckpt(path, list(ignore_keys))
+
+    # --- checkpoints ------------------------------------------------------------------------------------------------
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+        """Load a (Lightning) checkpoint's state_dict, dropping keys that start with ``ignore_keys``.
+
+        Upstream loads with ``strict=False`` silently; this prints what did not match and returns
+        (missing, unexpected). Lightning 1.x checkpoints hold more than tensors, hence ``weights_only=False``:
+        load only checkpoints you trust.
+        """
+        sd = torch.load(path, map_location="cpu", weights_only=False)
+        sd = sd.get("state_dict", sd)
+        sd = {k: v for k, v in sd.items() if not any(k.startswith(ik) for ik in ignore_keys)}
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        detail = (f"; missing {missing[:5]}" if missing else "") + (f"; unexpected {unexpected[:5]}" if unexpected else "")
+        print(f"Restored from {path}: {len(missing)} missing and {len(unexpected)} unexpected keys{detail}")
+        return list(missing), list(unexpected)
+
+    # --- codebook statistics ------------------------------------------------------------------------------------
+    @property
+    def code_stats(self) -> CodebookStats:
+        """The quantizer's accumulated histogram and quantization error, this rank's."""
+        return self.quantizer.stats
+
+    def _set_code_stats(self, stats: CodebookStats) -> None:
+        self.quantizer.stats = stats  # a plain object (not a buffer), so DDP never broadcasts it
+
+    @contextmanager
+    def _no_stats(self) -> Iterator[None]:
+        """Forwards that repeat a batch (discriminator pass, image logging) are not counted again."""
+        was = self.quantizer.track_stats
+        self.quantizer.track_stats = False
+        try:
+            yield
+        finally:
+            self.quantizer.track_stats = was
+
+    @staticmethod
+    def _stats_log(stats: dict[str, Tensor], split: str, suffix: str = "") -> dict[str, Tensor]:
+        return {k + suffix: v.float() for k, v in codebook_log_dict(stats, split).items()}
+
+    # --- training -------------------------------------------------------------------------------------------------
+    def _optimizer_step(self, optimizer: Any, counted: bool) -> None:
+        # Lightning 2 advances global_step at every optimizer.step(); Lightning 1.5 advanced it once per batch
+        # (per optimizer step), which disc_start, the schedulers and the logged steps assume. The second optimizer
+        # therefore steps through the strategy: same precision handling, no count.
+        if counted:
+            optimizer.step()
+        else:
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
+        optimizer.zero_grad()
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        accumulate = max(1, int(self.update_every))
+        step_now = (batch_idx + 1) % accumulate == 0 or bool(self.trainer.is_last_batch)
+        step = self.global_step  # one value for both losses, as under Lightning 1.5
+        x = self.get_input(batch, self.image_key)
+        last_layer = self.decoder.get_last_layer()
+
+        # autoencoder: upstream's optimizer_idx 0
+        opt_ae = optimizers[0]
+        self.toggle_optimizer(opt_ae)
+        xrec, qloss = self(x)
+        aeloss, log_dict_ae = self.loss(qloss, x, xrec, 0, step, batch_idx, last_layer=last_layer, split="train")
+        self.manual_backward(aeloss / accumulate)
+        if step_now:
+            self._optimizer_step(opt_ae, counted=True)
+        self.untoggle_optimizer(opt_ae)
+        self.log("train/total_loss", aeloss, prog_bar=True, logger=True, on_step=True, on_epoch=True)
+        del log_dict_ae["train/total_loss"]
+        self.log_dict(log_dict_ae, prog_bar=False, logger=True, on_step=True, on_epoch=True)
+        stats = self._stats_log(self.quantizer.last_stats, "train")
+        self.log_dict(stats, prog_bar=False, logger=True, on_step=True, on_epoch=True)
+        self.log("usage", stats["train/codebook_usage"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+        # discriminator: optimizer_idx 1. Lightning 1.5 ran training_step again after the autoencoder update.
+        if len(optimizers) > 1:
+            opt_disc = optimizers[1]
+            self.toggle_optimizer(opt_disc)
+            with torch.no_grad(), self._no_stats():
+                xrec, qloss = self(x)
+            discloss, log_dict_disc = self.loss(qloss, x, xrec, 1, step, batch_idx, last_layer=last_layer,
+                                                split="train")
+            self.manual_backward(discloss / accumulate)
+            if step_now:
+                self._optimizer_step(opt_disc, counted=False)
+            self.untoggle_optimizer(opt_disc)
+            self.log("train/disc_loss", discloss, prog_bar=True, logger=True, on_step=True, on_epoch=True)
+            del log_dict_disc["train/disc_loss"]
+            self.log_dict(log_dict_disc, prog_bar=False, logger=True, on_step=True, on_epoch=True)
+
+        if step_now:
+            schedulers = self.lr_schedulers()
+            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+                scheduler.step()
+        return aeloss.detach()
+
+    def on_train_epoch_start(self) -> None:
+        self.code_stats.reset()
+
+    def on_train_epoch_end(self) -> None:
+        stats = self.code_stats.compute(reset=True)  # every rank calls it: it all-reduces
+        self.log_dict(self._stats_log(stats, "train", "_total"), logger=True, on_step=False, on_epoch=True,
+                      sync_dist=True)  # equal on every rank already
+
+    # --- validation -----------------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> Any:
+        out = super().validation_step(batch, batch_idx)
+        self.log_dict(self._stats_log(self.quantizer.last_stats, "val"), logger=True, on_step=False,
+                      on_epoch=True, sync_dist=True)
+        return out
+
+    def on_validation_epoch_start(self) -> None:
+        # Validation runs inside a training epoch: count it in a separate histogram, then restore the training one.
+        self._train_counts = [self.code_stats]
+        self._set_code_stats(CodebookStats(self.quantizer.n_e).to(self.code_stats.code_counts.device))
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self.code_stats.compute(reset=True)
+        self.log_dict(self._stats_log(stats, "val", "_total"), logger=True, on_step=False, on_epoch=True,
+                      sync_dist=True)
+        if self._train_counts:
+            self._set_code_stats(self._train_counts.pop())
+
+    # --- pictures ---------------------------------------------------------------------------------------------------
+    def log_images(self, batch: dict, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Upstream's originals and reconstructions (B, 3, H, W), plus the codebook-usage picture of this split so far."""
+        with self._no_stats():
+            log = super().log_images(batch, *args, **kwargs)
+        log["codebook_usage"] = usage_picture(self.code_stats.code_counts)
+        return log
