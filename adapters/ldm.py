@@ -1,0 +1,253 @@
+"""latent-diffusion's ``VQModel`` with the shared rotation-trick quantizer, trained under Lightning 2.
+
+``RotationVQModel`` (config ``target: adapters.ldm.RotationVQModel``) takes upstream ``VQModel``'s arguments plus
+
+  gradient: ste | rotation | rotation_released | reflection | rotation_unscaled  (see adapters.quantizer)
+  quantizer_config: {beta, legacy, use_norm, search_chunk_size, track_stats}  (optional; upstream's beta 0.25)
+
+and keeps upstream's state-dict keys, so latent-diffusion's and the authors' VQGAN checkpoints load with no missing
+or unexpected keys; ``gradient: ste`` is upstream ``VQModel`` numerically.
+
+``GumbelVQModel`` is the Gumbel-softmax baseline of Table 3 (taming's ``GumbelQuantize`` after the same encoder and
+``quant_conv``, temperature annealed by ``temperature_scheduler_config``).
+
+Training uses Lightning 2 manual optimisation and reproduces what Lightning 1.4 did with upstream's two optimizers
+per batch: the autoencoder step (loss with ``optimizer_idx=0``, discriminator frozen), then a fresh forward and the
+discriminator step (``optimizer_idx=1``, autoencoder frozen), both at the same ``global_step``, which counts batches
+as upstream; step-interval lr schedulers step once per batch.
+
+Logged besides upstream's keys (``train/`` per batch and as epoch means, ``val/`` as validation means):
+``{split}/codebook_usage`` (fraction of the codebook a batch uses), ``{split}/perplexity``, ``{split}/quant_error``
+(mean ||e - q||^2), ``{split}/used_codes``, ``{split}/dead_codes``; and accumulated over a whole training epoch or a
+whole validation run (all ranks): ``{split}/codebook_usage_total``, ``{split}/perplexity_total``, ... .
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+from ldm.models.autoencoder import VQModel
+from ldm.modules.ema import LitEma
+from ldm.util import instantiate_from_config
+from taming.modules.vqvae.quantize import GumbelQuantize
+from torch import Tensor, nn
+
+from adapters.quantizer import GRADIENTS, CodebookStats, RotationVectorQuantizer, codebook_log_dict
+
+QUANTIZER_OPTIONS = ("beta", "legacy", "use_norm", "search_chunk_size", "search_max_bytes", "track_stats")
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+class RotationVQModel(VQModel):
+    """Upstream ``VQModel`` with ``RotationVectorQuantizer`` in ``self.quantize`` (see the module docstring).
+
+    Input batches: ``batch[image_key]`` float (B, H, W, 3) in [-1, 1]; ``forward(x (B, 3, H, W))`` returns
+    ``(reconstruction (B, 3, H, W), codebook loss)`` as upstream.
+    """
+
+    def __init__(self, ddconfig: dict, lossconfig: dict, n_embed: int, embed_dim: int, *args: Any,
+                 gradient: str = "rotation", quantizer_config: Optional[dict] = None,
+                 ckpt_path: Optional[str] = None, ignore_keys: Optional[list] = None, **kwargs: Any) -> None:
+        if gradient not in GRADIENTS:
+            raise ValueError(f"unknown gradient {gradient!r} in model.params.gradient; choose one of {GRADIENTS}")
+        qcfg = dict(quantizer_config or {})
+        unknown = sorted(set(qcfg) - set(QUANTIZER_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} in model.params.quantizer_config; known: "
+                             f"{list(QUANTIZER_OPTIONS)}")
+        upstream_options = set(inspect.signature(VQModel.__init__).parameters) - {"self"}
+        unknown = sorted(set(kwargs) - upstream_options)
+        if unknown:
+            hint = " (the authors' rot_trick: true is gradient: rotation_released)" if "rot_trick" in unknown else ""
+            raise ValueError(f"unknown option(s) {unknown} in model.params of {type(self).__name__}{hint}; known: "
+                             f"gradient, quantizer_config, {', '.join(sorted(upstream_options))}")
+        # The checkpoint is loaded after the quantizer swap (upstream loads it inside its __init__).
+        super().__init__(ddconfig, lossconfig, n_embed, embed_dim, *args, **kwargs)
+        if not _accepts(self.loss.forward, "predicted_indices"):
+            raise ValueError(f"{type(self.loss).__module__}.{type(self.loss).__name__} does not accept the "
+                             "predicted_indices argument that latent-diffusion's VQModel passes to its loss; use "
+                             "lossconfig.target: adapters.losses.VQLPIPSWithDiscriminator (taming's loss) or "
+                             "ldm.modules.losses.vqperceptual.VQLPIPSWithDiscriminator")
+        self.gradient = gradient
+        self.quantize = self.build_quantizer(self.quantize, n_embed, embed_dim, ddconfig, gradient, qcfg,
+                                             kwargs.get("remap"), kwargs.get("sane_index_shape", False))
+        if self.use_ema:  # shadow the new quantizer's parameters
+            self.model_ema = LitEma(self)
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=list(ignore_keys or []))
+        self.automatic_optimization = False
+        self._train_stash: Optional[tuple[Tensor, ...]] = None
+
+    # --- quantizer and its statistics ---------------------------------------------------------------------------
+    def build_quantizer(self, upstream: nn.Module, n_embed: int, embed_dim: int, ddconfig: dict, gradient: str,
+                        qcfg: dict, remap: Optional[str], sane_index_shape: bool) -> nn.Module:
+        """The shared quantizer, starting from upstream's codebook (same initial draw for a given seed)."""
+        beta = qcfg.pop("beta", 0.25)
+        quantizer = RotationVectorQuantizer(n_embed, embed_dim, beta=beta, remap=remap,
+                                            sane_index_shape=sane_index_shape, gradient=gradient, **qcfg)
+        quantizer.load_state_dict(upstream.state_dict())
+        return quantizer
+
+    @property
+    def code_stats(self) -> CodebookStats:
+        """Accumulated code histogram and quantization error (non-persistent buffers)."""
+        return self.quantize.stats
+
+    def _set_tracking(self, on: bool) -> bool:
+        was = self.quantize.track_stats
+        self.quantize.track_stats = on
+        return was
+
+    @contextmanager
+    def _no_stats(self) -> Iterator[None]:
+        """Forwards that repeat a batch (the discriminator pass, the EMA validation pass) are not counted twice."""
+        was = self._set_tracking(False)
+        try:
+            yield
+        finally:
+            self._set_tracking(was)
+
+    def _stats_log(self, stats: dict[str, Tensor], split: str, suffix: str = "") -> dict[str, Tensor]:
+        return {k + suffix: v.float() for k, v in codebook_log_dict(stats, split).items()}
+
+    # --- training ------------------------------------------------------------------------------------------------
+    def before_train_step(self) -> None:
+        """Hook run before each batch's updates (the Gumbel baseline anneals its temperature here)."""
+
+    def _step_without_counting(self, optimizer: Any) -> None:
+        # Lightning 2 counts every optimizer.step() as a global step; upstream (Lightning 1.4) counted one per batch,
+        # which its disc_start, schedulers, max_steps and checkpoint intervals assume. The strategy's step applies
+        # the same precision/clipping handling without advancing the counter.
+        self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        opt_ae, opt_disc = self.optimizers()
+        step = self.global_step  # both losses see the same step, as under Lightning 1.4
+        self.before_train_step()
+        x = self.get_input(batch, self.image_key)
+
+        # autoencoder (upstream's optimizer_idx 0)
+        self.toggle_optimizer(opt_ae)
+        xrec, qloss, ind = self(x, return_pred_indices=True)
+        aeloss, log_dict_ae = self.loss(qloss, x, xrec, 0, step, last_layer=self.get_last_layer(), split="train",
+                                        predicted_indices=ind)
+        opt_ae.zero_grad()
+        self.manual_backward(aeloss)
+        opt_ae.step()
+        self.untoggle_optimizer(opt_ae)
+        self.log_dict(log_dict_ae, prog_bar=False, logger=True, on_step=True, on_epoch=True)
+        stats = {k: v for k, v in self._stats_log(self.code_stats.last, "train").items() if k not in log_dict_ae}
+        self.log_dict(stats, prog_bar=False, logger=True, on_step=True, on_epoch=True)
+        if "train/codebook_usage" in stats:
+            self.log("usage", stats["train/codebook_usage"], prog_bar=True, logger=False, on_step=True)
+
+        # discriminator (optimizer_idx 1): Lightning 1.4 ran training_step again, after the autoencoder update
+        self.toggle_optimizer(opt_disc)
+        with torch.no_grad(), self._no_stats():
+            xrec, qloss, ind = self(x, return_pred_indices=True)
+        discloss, log_dict_disc = self.loss(qloss, x, xrec, 1, step, last_layer=self.get_last_layer(),
+                                            split="train")
+        opt_disc.zero_grad()
+        self.manual_backward(discloss)
+        self._step_without_counting(opt_disc)
+        self.untoggle_optimizer(opt_disc)
+        self.log_dict(log_dict_disc, prog_bar=False, logger=True, on_step=True, on_epoch=True)
+
+        schedulers = self.lr_schedulers()
+        for scheduler in (schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []):
+            scheduler.step()
+        return aeloss.detach()
+
+    def on_train_epoch_start(self) -> None:
+        self.code_stats.reset()
+
+    def on_train_epoch_end(self) -> None:
+        stats = self.code_stats.compute(reset=True)  # every rank: it all-reduces
+        # already summed over ranks: rank 0 logs it (no further averaging)
+        self.log_dict(self._stats_log(stats, "train", "_total"), logger=True, on_step=False, on_epoch=True,
+                      rank_zero_only=True)
+
+    def log_images(self, batch: dict, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Upstream's (inputs, reconstructions (B, 3, H, W)); the image logger's extra forward is not counted."""
+        with self._no_stats():
+            return super().log_images(batch, *args, **kwargs)
+
+    # --- validation ----------------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> Any:
+        log_dict = self._validation_step(batch, batch_idx)
+        self.log_dict(self._stats_log(self.code_stats.last, "val"), logger=True, on_step=False, on_epoch=True,
+                      sync_dist=True)
+        with self.ema_scope(), self._no_stats():
+            self._validation_step(batch, batch_idx, suffix="_ema")
+        return log_dict
+
+    def on_validation_epoch_start(self) -> None:
+        # Validation can interrupt a training epoch: keep the training counts aside and count validation alone.
+        s = self.code_stats
+        self._train_stash = (s.code_counts.clone(), s.err_sum.clone(), s.n_vectors.clone())
+        s.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self.code_stats.compute(reset=True)
+        self.log_dict(self._stats_log(stats, "val", "_total"), logger=True, on_step=False, on_epoch=True,
+                      rank_zero_only=True)
+        if self._train_stash is not None:
+            s = self.code_stats
+            s.code_counts.copy_(self._train_stash[0])
+            s.err_sum.copy_(self._train_stash[1])
+            s.n_vectors.copy_(self._train_stash[2])
+            self._train_stash = None
+
+
+class GumbelVQModel(RotationVQModel):
+    """Table 3's Gumbel VQGAN: taming's ``GumbelQuantize`` (straight-through hard samples, KL to the uniform prior
+    weighted by ``kl_weight``) on upstream's encoder/decoder, trained like ``RotationVQModel``.
+
+    ``temperature_scheduler_config`` (optional): a ``target:`` callable of the global step giving the temperature,
+    e.g. ``ldm.lr_scheduler.LambdaWarmUpCosineScheduler`` as in taming's Gumbel configs; constant 1.0 without it.
+    The statistics have no ``quant_error`` (a Gumbel sample is not a nearest code).
+    """
+
+    def __init__(self, *args: Any, kl_weight: float = 1e-8, temperature_scheduler_config: Optional[dict] = None,
+                 temp_init: float = 1.0, straight_through: bool = True, **kwargs: Any) -> None:
+        self._gumbel = dict(kl_weight=kl_weight, temp_init=temp_init, straight_through=straight_through)
+        kwargs.setdefault("gradient", "ste")
+        if kwargs["gradient"] != "ste":
+            raise ValueError("GumbelVQModel has no nearest-code estimator to choose: leave model.params.gradient "
+                             "unset (or ste)")
+        super().__init__(*args, **kwargs)
+        self.temperature_scheduler = (instantiate_from_config(temperature_scheduler_config)
+                                      if temperature_scheduler_config is not None else None)
+
+    def build_quantizer(self, upstream: nn.Module, n_embed: int, embed_dim: int, ddconfig: dict, gradient: str,
+                        qcfg: dict, remap: Optional[str], sane_index_shape: bool) -> nn.Module:
+        if qcfg:
+            raise ValueError(f"quantizer_config {sorted(qcfg)} does not apply to GumbelVQModel; use kl_weight, "
+                             "temp_init, straight_through, temperature_scheduler_config")
+        # quant_conv maps z_channels -> embed_dim, so the Gumbel logits are computed from embed_dim channels.
+        quantizer = GumbelQuantize(embed_dim, embed_dim, n_embed=n_embed, remap=remap, **self._gumbel)
+        quantizer.stats = CodebookStats(n_embed)
+        quantizer.track_stats = True
+        return quantizer
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, tuple]:
+        quant, emb_loss, info = super().encode(x)
+        if self.quantize.track_stats:
+            ind = info[2].reshape(-1)
+            empty = quant.new_zeros(ind.numel(), 1)
+            self.quantize.stats.update(ind, empty, empty)
+        return quant, emb_loss, info
+
+    def _stats_log(self, stats: dict[str, Tensor], split: str, suffix: str = "") -> dict[str, Tensor]:
+        return {k: v for k, v in super()._stats_log(stats, split, suffix).items() if "quant_error" not in k}
+
+    def before_train_step(self) -> None:
+        if self.temperature_scheduler is not None:
+            self.quantize.temperature = float(self.temperature_scheduler(self.global_step))
+        self.log("train/temperature", float(self.quantize.temperature), logger=True, on_step=True, on_epoch=False)
