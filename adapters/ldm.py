@@ -24,8 +24,7 @@ whole validation run (all ranks): ``{split}/codebook_usage_total``, ``{split}/pe
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from ldm.models.autoencoder import VQModel
@@ -34,7 +33,8 @@ from ldm.util import instantiate_from_config
 from taming.modules.vqvae.quantize import GumbelQuantize
 from torch import Tensor, nn
 
-from adapters.quantizer import GRADIENTS, CodebookStats, RotationVectorQuantizer, codebook_log_dict
+from adapters.codebook_logging import CodebookLoggingMixin
+from adapters.quantizer import GRADIENTS, CodebookStats, RotationVectorQuantizer
 
 QUANTIZER_OPTIONS = ("beta", "legacy", "use_norm", "search_chunk_size", "search_max_bytes", "track_stats")
 
@@ -44,12 +44,15 @@ def _accepts(fn: Any, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-class RotationVQModel(VQModel):
+class RotationVQModel(CodebookLoggingMixin, VQModel):
     """Upstream ``VQModel`` with ``RotationVectorQuantizer`` in ``self.quantize`` (see the module docstring).
 
     Input batches: ``batch[image_key]`` float (B, H, W, 3) in [-1, 1]; ``forward(x (B, 3, H, W))`` returns
     ``(reconstruction (B, 3, H, W), codebook loss)`` as upstream.
     """
+
+    codebook_attr = "quantize"
+    usage_picture_range = (-1.0, 1.0)  # latent-diffusion's ImageLogger maps [-1, 1] to pixels
 
     def __init__(self, ddconfig: dict, lossconfig: dict, n_embed: int, embed_dim: int, *args: Any,
                  gradient: str = "rotation", quantizer_config: Optional[dict] = None,
@@ -82,7 +85,6 @@ class RotationVQModel(VQModel):
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=list(ignore_keys or []))
         self.automatic_optimization = False
-        self._train_stash: Optional[tuple[Tensor, ...]] = None
 
     # --- quantizer and its statistics ---------------------------------------------------------------------------
     def build_quantizer(self, upstream: nn.Module, n_embed: int, embed_dim: int, ddconfig: dict, gradient: str,
@@ -93,28 +95,6 @@ class RotationVQModel(VQModel):
                                             sane_index_shape=sane_index_shape, gradient=gradient, **qcfg)
         quantizer.load_state_dict(upstream.state_dict())
         return quantizer
-
-    @property
-    def code_stats(self) -> CodebookStats:
-        """Accumulated code histogram and quantization error (non-persistent buffers)."""
-        return self.quantize.stats
-
-    def _set_tracking(self, on: bool) -> bool:
-        was = self.quantize.track_stats
-        self.quantize.track_stats = on
-        return was
-
-    @contextmanager
-    def _no_stats(self) -> Iterator[None]:
-        """Forwards that repeat a batch (the discriminator pass, the EMA validation pass) are not counted twice."""
-        was = self._set_tracking(False)
-        try:
-            yield
-        finally:
-            self._set_tracking(was)
-
-    def _stats_log(self, stats: dict[str, Tensor], split: str, suffix: str = "") -> dict[str, Tensor]:
-        return {k + suffix: v.float() for k, v in codebook_log_dict(stats, split).items()}
 
     # --- training ------------------------------------------------------------------------------------------------
     def before_train_step(self) -> None:
@@ -142,10 +122,7 @@ class RotationVQModel(VQModel):
         opt_ae.step()
         self.untoggle_optimizer(opt_ae)
         self.log_dict(log_dict_ae, prog_bar=False, logger=True, on_step=True, on_epoch=True)
-        stats = {k: v for k, v in self._stats_log(self.code_stats.last, "train").items() if k not in log_dict_ae}
-        self.log_dict(stats, prog_bar=False, logger=True, on_step=True, on_epoch=True)
-        if "train/codebook_usage" in stats:
-            self.log("usage", stats["train/codebook_usage"], prog_bar=True, logger=False, on_step=True)
+        self.log_codebook_batch("train", skip=log_dict_ae)  # taming's loss may log perplexity itself
 
         # discriminator (optimizer_idx 1): Lightning 1.4 ran training_step again, after the autoencoder update
         self.toggle_optimizer(opt_disc)
@@ -164,45 +141,20 @@ class RotationVQModel(VQModel):
             scheduler.step()
         return aeloss.detach()
 
-    def on_train_epoch_start(self) -> None:
-        self.code_stats.reset()
-
-    def on_train_epoch_end(self) -> None:
-        stats = self.code_stats.compute(reset=True)  # every rank: it all-reduces
-        # already summed over ranks: rank 0 logs it (no further averaging)
-        self.log_dict(self._stats_log(stats, "train", "_total"), logger=True, on_step=False, on_epoch=True,
-                      rank_zero_only=True)
-
     def log_images(self, batch: dict, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        """Upstream's (inputs, reconstructions (B, 3, H, W)); the image logger's extra forward is not counted."""
+        """Upstream's inputs and reconstructions (B, 3, H, W) in [-1, 1], plus the codebook-usage picture of this
+        split so far; the image logger's extra forward is not counted."""
         with self._no_stats():
-            return super().log_images(batch, *args, **kwargs)
+            log = super().log_images(batch, *args, **kwargs)
+        return self.with_usage_picture(log) if not kwargs.get("only_inputs") else log
 
     # --- validation ----------------------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> Any:
         log_dict = self._validation_step(batch, batch_idx)
-        self.log_dict(self._stats_log(self.code_stats.last, "val"), logger=True, on_step=False, on_epoch=True,
-                      sync_dist=True)
+        self.log_codebook_batch("val")
         with self.ema_scope(), self._no_stats():
             self._validation_step(batch, batch_idx, suffix="_ema")
         return log_dict
-
-    def on_validation_epoch_start(self) -> None:
-        # Validation can interrupt a training epoch: keep the training counts aside and count validation alone.
-        s = self.code_stats
-        self._train_stash = (s.code_counts.clone(), s.err_sum.clone(), s.n_vectors.clone())
-        s.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        stats = self.code_stats.compute(reset=True)
-        self.log_dict(self._stats_log(stats, "val", "_total"), logger=True, on_step=False, on_epoch=True,
-                      rank_zero_only=True)
-        if self._train_stash is not None:
-            s = self.code_stats
-            s.code_counts.copy_(self._train_stash[0])
-            s.err_sum.copy_(self._train_stash[1])
-            s.n_vectors.copy_(self._train_stash[2])
-            self._train_stash = None
 
 
 class GumbelVQModel(RotationVQModel):
@@ -213,6 +165,8 @@ class GumbelVQModel(RotationVQModel):
     e.g. ``ldm.lr_scheduler.LambdaWarmUpCosineScheduler`` as in taming's Gumbel configs; constant 1.0 without it.
     The statistics have no ``quant_error`` (a Gumbel sample is not a nearest code).
     """
+
+    codebook_log_exclude = ("quant_error",)
 
     def __init__(self, *args: Any, kl_weight: float = 1e-8, temperature_scheduler_config: Optional[dict] = None,
                  temp_init: float = 1.0, straight_through: bool = True, **kwargs: Any) -> None:
@@ -243,9 +197,6 @@ class GumbelVQModel(RotationVQModel):
             empty = quant.new_zeros(ind.numel(), 1)
             self.quantize.stats.update(ind, empty, empty)
         return quant, emb_loss, info
-
-    def _stats_log(self, stats: dict[str, Tensor], split: str, suffix: str = "") -> dict[str, Tensor]:
-        return {k: v for k, v in super()._stats_log(stats, split, suffix).items() if "quant_error" not in k}
 
     def before_train_step(self) -> None:
         if self.temperature_scheduler is not None:

@@ -28,7 +28,6 @@ Importing this module needs the enhancing-transformers tree on ``sys.path`` (its
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,8 +45,8 @@ from torchvision import transforms as T
 
 from adapters.data import ImageNetFolder
 from adapters.losses import MissingWeightsError
-from adapters.quantizer import GRADIENTS, NormRotationQuantizer, codebook_log_dict
-from adapters.quantizer.stats import CodebookStats
+from adapters.codebook_logging import CodebookLoggingMixin
+from adapters.quantizer import GRADIENTS, NormRotationQuantizer
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, which lpips.LPIPS(net="vgg") loads
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -172,20 +171,7 @@ def _as_config(value: Any) -> Any:
     return OmegaConf.create(value) if isinstance(value, dict) else value
 
 
-def usage_picture(counts: Tensor) -> Tensor:
-    """Codebook usage as an image. counts: (K,) code counts -> (1, 3, h, w) in [0, 1], one pixel per code
-    (row-major, h = 2^floor(log2(K)/2)), brightness log(1 + count) / log(1 + max count), black = never used."""
-    k = counts.numel()
-    h = 2 ** (int(math.log2(max(k, 1))) // 2)
-    w = math.ceil(k / h)
-    values = torch.log1p(counts.detach().float().cpu())
-    values = values / values.max().clamp_min(1e-12)
-    grid = torch.zeros(h * w)
-    grid[:k] = values
-    return grid.view(1, 1, h, w).expand(1, 3, h, w).contiguous()
-
-
-class RotationViTVQ(ViTVQ):
+class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
     """Upstream ``ViTVQ`` with ``NormRotationQuantizer`` in ``self.quantizer`` (see the module docstring).
 
     Input batches: ``batch[image_key]`` float (B, 3, H, W) in [0, 1]; ``forward(x)`` returns
@@ -211,7 +197,6 @@ class RotationViTVQ(ViTVQ):
         self.gradient = gradient
         self.automatic_optimization = False
         self.update_every = 1  # main.py sets it from -u; gradients are accumulated over this many batches
-        self._train_counts: list[CodebookStats] = []
         if path is not None:
             self.init_from_ckpt(path, list(ignore_keys))
 
@@ -230,29 +215,6 @@ class RotationViTVQ(ViTVQ):
         detail = (f"; missing {missing[:5]}" if missing else "") + (f"; unexpected {unexpected[:5]}" if unexpected else "")
         print(f"Restored from {path}: {len(missing)} missing and {len(unexpected)} unexpected keys{detail}")
         return list(missing), list(unexpected)
-
-    # --- codebook statistics ------------------------------------------------------------------------------------
-    @property
-    def code_stats(self) -> CodebookStats:
-        """The quantizer's accumulated histogram and quantization error, this rank's."""
-        return self.quantizer.stats
-
-    def _set_code_stats(self, stats: CodebookStats) -> None:
-        self.quantizer.stats = stats  # a plain object (not a buffer), so DDP never broadcasts it
-
-    @contextmanager
-    def _no_stats(self) -> Iterator[None]:
-        """Forwards that repeat a batch (discriminator pass, image logging) are not counted again."""
-        was = self.quantizer.track_stats
-        self.quantizer.track_stats = False
-        try:
-            yield
-        finally:
-            self.quantizer.track_stats = was
-
-    @staticmethod
-    def _stats_log(stats: dict[str, Tensor], split: str, suffix: str = "") -> dict[str, Tensor]:
-        return {k + suffix: v.float() for k, v in codebook_log_dict(stats, split).items()}
 
     # --- training -------------------------------------------------------------------------------------------------
     def _optimizer_step(self, optimizer: Any, counted: bool) -> None:
@@ -286,9 +248,7 @@ class RotationViTVQ(ViTVQ):
         self.log("train/total_loss", aeloss, prog_bar=True, logger=True, on_step=True, on_epoch=True)
         del log_dict_ae["train/total_loss"]
         self.log_dict(log_dict_ae, prog_bar=False, logger=True, on_step=True, on_epoch=True)
-        stats = self._stats_log(self.quantizer.last_stats, "train")
-        self.log_dict(stats, prog_bar=False, logger=True, on_step=True, on_epoch=True)
-        self.log("usage", stats["train/codebook_usage"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        self.log_codebook_batch("train")
 
         # discriminator: optimizer_idx 1. Lightning 1.5 ran training_step again after the autoencoder update.
         if len(optimizers) > 1:
@@ -312,37 +272,15 @@ class RotationViTVQ(ViTVQ):
                 scheduler.step()
         return aeloss.detach()
 
-    def on_train_epoch_start(self) -> None:
-        self.code_stats.reset()
-
-    def on_train_epoch_end(self) -> None:
-        stats = self.code_stats.compute(reset=True)  # every rank calls it: it all-reduces
-        self.log_dict(self._stats_log(stats, "train", "_total"), logger=True, on_step=False, on_epoch=True,
-                      sync_dist=True)  # equal on every rank already
-
     # --- validation -----------------------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> Any:
         out = super().validation_step(batch, batch_idx)
-        self.log_dict(self._stats_log(self.quantizer.last_stats, "val"), logger=True, on_step=False,
-                      on_epoch=True, sync_dist=True)
+        self.log_codebook_batch("val")
         return out
-
-    def on_validation_epoch_start(self) -> None:
-        # Validation runs inside a training epoch: count it in a separate histogram, then restore the training one.
-        self._train_counts = [self.code_stats]
-        self._set_code_stats(CodebookStats(self.quantizer.n_e).to(self.code_stats.code_counts.device))
-
-    def on_validation_epoch_end(self) -> None:
-        stats = self.code_stats.compute(reset=True)
-        self.log_dict(self._stats_log(stats, "val", "_total"), logger=True, on_step=False, on_epoch=True,
-                      sync_dist=True)
-        if self._train_counts:
-            self._set_code_stats(self._train_counts.pop())
 
     # --- pictures ---------------------------------------------------------------------------------------------------
     def log_images(self, batch: dict, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Upstream's originals and reconstructions (B, 3, H, W), plus the codebook-usage picture of this split so far."""
         with self._no_stats():
             log = super().log_images(batch, *args, **kwargs)
-        log["codebook_usage"] = usage_picture(self.code_stats.code_counts)
-        return log
+        return self.with_usage_picture(log)

@@ -167,7 +167,7 @@ def test_bad_gradient_names_are_rejected() -> None:
 
 
 def test_usage_picture() -> None:
-    from adapters.vitvqgan import usage_picture
+    from adapters.codebook_logging import usage_picture
 
     counts = torch.zeros(8192, dtype=torch.long)
     counts[[0, 5, 8191]] = torch.tensor([1, 100, 7])
