@@ -26,79 +26,41 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=lib/launch_common.sh
+source "$ROOT/scripts/lib/launch_common.sh"
 MAIN="$ROOT/third_party/latent-diffusion/main.py"
-PYTHON_BIN="${PYTHON:-python}"
+launch_defaults  # the options shared with train_vitvqgan.sh: --gpus, --nodes, --slurm, --data, --logdir, ...
 CONFIGS=()
 RESUME=""
-GPUS=""
-NODES=1
-NODE_RANK=""
-MASTER_ADDR_ARG=""
-MASTER_PORT_ARG=29500
 RUN_TIME=""
-SLURM=0
-PARTITION=""
-TIME_LIMIT="72:00:00"
-CPUS_PER_TASK=8
-DATA=""
-LOGDIR="logs"
 NAME=""
-DRY_RUN=0
-EXTRA=()
 
-die() { echo "train_vqgan.sh: $*" >&2; exit 2; }
-need() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
-
-while [[ $# -gt 0 ]]; do
+vqgan_option() {  # one of this launcher's own options, as launch_common_option
+  LAUNCH_SHIFT=2
   case "$1" in
-    --config) need "$@"; CONFIGS+=("$2"); shift 2 ;;
-    --resume) need "$@"; RESUME="$2"; shift 2 ;;
-    --gpus) need "$@"; GPUS="$2"; shift 2 ;;
-    --nodes) need "$@"; NODES="$2"; shift 2 ;;
-    --node-rank) need "$@"; NODE_RANK="$2"; shift 2 ;;
-    --master-addr) need "$@"; MASTER_ADDR_ARG="$2"; shift 2 ;;
-    --master-port) need "$@"; MASTER_PORT_ARG="$2"; shift 2 ;;
-    --run-time) need "$@"; RUN_TIME="$2"; shift 2 ;;
-    --slurm) SLURM=1; shift ;;
-    --partition) need "$@"; PARTITION="$2"; shift 2 ;;
-    --time) need "$@"; TIME_LIMIT="$2"; shift 2 ;;
-    --cpus-per-task) need "$@"; CPUS_PER_TASK="$2"; shift 2 ;;
-    --data) need "$@"; DATA="$2"; shift 2 ;;
-    --logdir) need "$@"; LOGDIR="$2"; shift 2 ;;
-    --name) need "$@"; NAME="$2"; shift 2 ;;
-    --python) need "$@"; PYTHON_BIN="$2"; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) sed -n '2,29p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    *) die "unknown argument '$1' (see --help; main.py arguments go after --)" ;;
+    --config) launch_need "$@"; CONFIGS+=("$2") ;;
+    --resume) launch_need "$@"; RESUME="$2" ;;
+    --run-time) launch_need "$@"; RUN_TIME="$2" ;;
+    --name) launch_need "$@"; NAME="$2" ;;
+    *) return 1 ;;
   esac
-done
+}
+launch_parse vqgan_option "$@"
 
-[[ -f "$MAIN" ]] || { echo "train_vqgan.sh: $MAIN is missing: run scripts/setup_submodules.sh first" >&2; exit 1; }
+launch_require_main "$MAIN"
 if [[ -n "$RESUME" ]]; then
-  [[ -e "$RESUME" ]] || die "--resume $RESUME does not exist (give a run folder under logs/ or a checkpoint in one)"
-  [[ -z "$NAME" ]] || die "--name and --resume exclude each other (main.py keeps the resumed folder's name)"
+  [[ -e "$RESUME" ]] || launch_die "--resume $RESUME does not exist (give a run folder under logs/ or a checkpoint in one)"
+  [[ -z "$NAME" ]] || launch_die "--name and --resume exclude each other (main.py keeps the resumed folder's name)"
 else
-  [[ ${#CONFIGS[@]} -gt 0 ]] || die "give --config FILE (or --resume DIR)"
-  for c in "${CONFIGS[@]}"; do [[ -f "$c" ]] || die "config $c not found"; done
+  [[ ${#CONFIGS[@]} -gt 0 ]] || launch_die "give --config FILE (or --resume DIR)"
+  for c in "${CONFIGS[@]}"; do [[ -f "$c" ]] || launch_die "config $c not found"; done
 fi
-[[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$NODES'"
-if [[ -n "$GPUS" && ! "$GPUS" =~ ^[0-9]+(,[0-9]+)*,?$ ]]; then
-  die "--gpus takes GPU ids such as 0, or 0,1,2,3; got '$GPUS'"
-fi
-if [[ "$NODES" -gt 1 && -z "$GPUS" ]]; then
-  die "several nodes need --gpus (the ids used on every node)"
-fi
-if [[ -n "$DATA" ]]; then
-  [[ -d "$DATA" ]] || die "--data $DATA is not a folder (expected train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)"
-  export IMAGENET_ROOT="$DATA"
-fi
+launch_check_common --gpus-trailing-comma
 
 # Absolute paths, so the command means the same from the SLURM script's folder or any other.
-abspath() { realpath -m -- "$1"; }
-if [[ -n "$RESUME" ]]; then RESUME="$(abspath "$RESUME")"; fi
-for i in "${!CONFIGS[@]}"; do CONFIGS[i]="$(abspath "${CONFIGS[i]}")"; done
-LOGDIR="$(abspath "$LOGDIR")"
+if [[ -n "$RESUME" ]]; then RESUME="$(launch_abspath "$RESUME")"; fi
+for i in "${!CONFIGS[@]}"; do CONFIGS[i]="$(launch_abspath "${CONFIGS[i]}")"; done
+LOGDIR="$(launch_abspath "$LOGDIR")"
 # adapters/ importable even when the project is not pip-installed
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -113,23 +75,12 @@ if [[ -n "$GPUS" ]]; then
 fi
 [[ "$NODES" -gt 1 ]] && ARGS+=(--num_nodes "$NODES")
 ARGS+=("${EXTRA[@]+"${EXTRA[@]}"}")
-N_PER_NODE=$(awk -F, '{n=0; for (i=1;i<=NF;i++) if ($i!="") n++; print n}' <<<"${GPUS:-}")
+N_PER_NODE="$(launch_count_gpus "$GPUS")"
 
 if [[ "$SLURM" == 1 ]]; then
-  [[ -n "$GPUS" ]] || die "--slurm needs --gpus"
-  # srun starts one task per GPU; Lightning reads SLURM's variables for ranks, and all ranks share one run time.
+  # All ranks share one run time, fixed when the job starts, so they log into one run folder.
+  launch_sbatch_head vqgan "$N_PER_NODE" "#SBATCH --output=vqgan-%j.out"
   cat <<EOF
-#!/usr/bin/env bash
-#SBATCH --job-name=vqgan
-#SBATCH --nodes=$NODES
-#SBATCH --ntasks-per-node=$N_PER_NODE
-#SBATCH --gres=gpu:$N_PER_NODE
-#SBATCH --cpus-per-task=$CPUS_PER_TASK
-#SBATCH --time=$TIME_LIMIT
-${PARTITION:+#SBATCH --partition=$PARTITION}
-#SBATCH --output=vqgan-%j.out
-set -euo pipefail
-cd $(printf '%q' "$ROOT")
 export PYTHONPATH=$(printf '%q' "$PYTHONPATH")
 mkdir -p $(printf '%q' "$LOGDIR")
 ${IMAGENET_ROOT:+export IMAGENET_ROOT=$(printf '%q' "$IMAGENET_ROOT")}
@@ -141,11 +92,10 @@ fi
 
 CMD=()
 if [[ "$NODES" -gt 1 ]]; then
-  [[ -n "$NODE_RANK" && -n "$MASTER_ADDR_ARG" ]] || die "--nodes $NODES needs --node-rank and --master-addr (or --slurm)"
-  [[ -n "$RUN_TIME" ]] || die "--nodes $NODES needs --run-time T, the same on every node (e.g. \$(date +%Y-%m-%dT%H-%M-%S) on node 0), so all ranks log into one folder"
+  [[ -n "$NODE_RANK" && -n "$MASTER_ADDR_ARG" ]] || launch_die "--nodes $NODES needs --node-rank and --master-addr (or --slurm)"
+  [[ -n "$RUN_TIME" ]] || launch_die "--nodes $NODES needs --run-time T, the same on every node (e.g. \$(date +%Y-%m-%dT%H-%M-%S) on node 0), so all ranks log into one folder"
   export LDM_MAIN_RUN_TIME="$RUN_TIME"
-  CMD=("$PYTHON_BIN" -m torch.distributed.run --nnodes "$NODES" --nproc_per_node "$N_PER_NODE"
-       --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR_ARG" --master_port "$MASTER_PORT_ARG" "$MAIN" "${ARGS[@]}")
+  launch_torchrun_cmd "$N_PER_NODE" "$MAIN" "${ARGS[@]}"
 else
   # one node: Lightning starts the DDP processes itself
   CMD=("$PYTHON_BIN" "$MAIN" "${ARGS[@]}")
