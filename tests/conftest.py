@@ -1,6 +1,7 @@
 """Shared test fixtures: where the upstream trees are, and one skip reason when they are absent."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +29,19 @@ requires_enhancing = pytest.mark.skipif(
     not HAS_ENHANCING,
     reason="third_party/enhancing-transformers is absent (fresh clone): run scripts/setup_submodules.sh to test against it",
 )
+
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Trees that are present are tested as the project runs them: patched. Applying is idempotent (a no-op when
+    scripts/setup_submodules.sh already ran); a tree the patches do not fit stops the run with the script's message."""
+    if not (HAS_LDM or HAS_ENHANCING):
+        return
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "setup_submodules.sh"), "--no-fetch", "--no-install",
+                          "--allow-missing"], cwd=ROOT, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise pytest.UsageError(f"the upstream trees in third_party/ could not be patched:\n{res.stderr}")
+
 
 # Tests (not library code) import the upstream packages the way upstream main.py does: from the tree's root.
 for _tree, _present in ((LDM_TREE, HAS_LDM), (ENHANCING_TREE, HAS_ENHANCING)):
