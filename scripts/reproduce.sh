@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Reproduce Tables 3 and 4 of the rotation-trick paper: train (or take checkpoints for) every row, evaluate, render.
+#
+#   scripts/reproduce.sh --scale tiny [--out DIR] [--report DIR]          # CPU, offline, < 30 min
+#   scripts/reproduce.sh --scale full --imagenet ROOT --gpus 0,1,2,3 [--out DIR] [--report DIR]
+#
+# Options:
+#   --scale tiny|full      tiny: the configs/tiny_*.yaml models on crops of scikit-image's bundled photographs
+#                          (STE, rotation trick, Gumbel for VQGAN; STE and rotation for ViT-VQGAN), CPU, no downloads.
+#                          full: the paper's ImageNet runs (Table 3: 4 epochs at batch 16; Table 4: 10 epochs at
+#                          batch 32), then evaluation on the 50,000 validation images. See docs/evaluation.md for the
+#                          GPU-hour estimates.
+#   --out DIR              training runs, checkpoints and result JSONs (default: outputs/reproduce_<scale>)
+#   --report DIR           tables and plots (default: DIR/report)
+#   --gpus IDS             GPUs for training and evaluation, e.g. 0, or 0,1,2,3 (full; default 0,)
+#   --imagenet ROOT        ImageNet root with train/<wnid>/ and val/<wnid>/ (full; default $IMAGENET_ROOT)
+#   --inception-weights P  local torch-fidelity Inception-v3 weights (r-FID/r-IS). tiny: without it r-FID/r-IS are
+#                          skipped (the weights cannot be downloaded offline); full: downloaded when absent
+#   --lpips-backbone P     local torchvision AlexNet weights for the LPIPS metric (tiny: LPIPS skipped without it)
+#   --checkpoints DIR      skip training: take DIR/<row>.ckpt (row names below) and evaluate/render those
+#   --rows LIST            comma-separated subset of rows (default: all of the scale)
+#   --vqgan-steps N        tiny: training steps per VQGAN row (default 800)
+#   --vit-epochs N         tiny: epochs per ViT-VQGAN row (default 100; 8 steps each)
+#   --vqgan-lr LR          tiny: VQGAN model.base_learning_rate (default 1e-4; main.py multiplies it by the batch, 4).
+#                          The paper's 4.5e-6 is for 4 ImageNet epochs; a few hundred CPU steps need more to learn
+#                          anything. The ViT-VQGAN rows use -lr 1e-4 as the paper.
+#   --eval-images N        images evaluated per row (tiny default 64; full default: all 50,000)
+#   --seed N               training seed (default: each main.py's own, 23 for latent-diffusion, 0 for enhancing);
+#                          labels get " (seed N)" so replicates stay apart in the tables
+#   --dry-run              print the commands, run nothing
+# Rows: tiny: vqgan_ste vqgan_rot vqgan_gumbel vit_ste vit_rot
+#       full: vqgan_ste_64 vqgan_rot_64 vqgan_gumbel_64 vqgan_ste_32 vqgan_rot_32 vqgan_gumbel_32 vit_ste vit_rot
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+INVOCATION="scripts/reproduce.sh $*"
+PYTHON="${PYTHON:-python}"
+SCALE=""
+OUT=""
+REPORT=""
+GPUS="0,"
+IMAGENET="${IMAGENET_ROOT:-}"
+INCEPTION=""
+LPIPS_BACKBONE=""
+CKPTS=""
+ROWS=""
+VQGAN_STEPS=800
+VIT_EPOCHS=100
+VQGAN_LR=1e-4
+EVAL_IMAGES=""
+SEED=""
+DRY=0
+
+die() { echo "reproduce.sh: $*" >&2; exit 2; }
+need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --scale) need_value "$@"; SCALE="$2"; shift 2 ;;
+    --out) need_value "$@"; OUT="$2"; shift 2 ;;
+    --report) need_value "$@"; REPORT="$2"; shift 2 ;;
+    --gpus) need_value "$@"; GPUS="$2"; shift 2 ;;
+    --imagenet) need_value "$@"; IMAGENET="$2"; shift 2 ;;
+    --inception-weights) need_value "$@"; INCEPTION="$2"; shift 2 ;;
+    --lpips-backbone) need_value "$@"; LPIPS_BACKBONE="$2"; shift 2 ;;
+    --checkpoints) need_value "$@"; CKPTS="$2"; shift 2 ;;
+    --rows) need_value "$@"; ROWS="$2"; shift 2 ;;
+    --vqgan-steps) need_value "$@"; VQGAN_STEPS="$2"; shift 2 ;;
+    --vit-epochs) need_value "$@"; VIT_EPOCHS="$2"; shift 2 ;;
+    --vqgan-lr) need_value "$@"; VQGAN_LR="$2"; shift 2 ;;
+    --eval-images) need_value "$@"; EVAL_IMAGES="$2"; shift 2 ;;
+    --seed) need_value "$@"; SEED="$2"; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    -h|--help) sed -n '2,32p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) die "unknown option '$1' (see --help)" ;;
+  esac
+done
+[[ "$SCALE" == "tiny" || "$SCALE" == "full" ]] || die "--scale tiny|full is required"
+OUT="${OUT:-$ROOT/outputs/reproduce_$SCALE}"
+REPORT="${REPORT:-$OUT/report}"
+cd "$ROOT"
+
+# row -> "trainer|config|paper setting|label|extra training overrides"
+declare -A SPEC
+if [[ "$SCALE" == tiny ]]; then
+  ALL_ROWS="vqgan_ste vqgan_rot vqgan_gumbel vit_ste vit_rot"
+  SPEC[vqgan_ste]="ldm|configs/tiny_vqgan.yaml|64x64x3|tiny VQGAN (STE)|"
+  SPEC[vqgan_rot]="ldm|configs/tiny_rot_vqgan.yaml|64x64x3|tiny VQGAN w/ rotation trick|"
+  # The Gumbel baseline is the STE config with taming's Gumbel quantizer swapped in (adapters.ldm.GumbelVQModel).
+  SPEC[vqgan_gumbel]="ldm|configs/tiny_vqgan.yaml|64x64x3|tiny Gumbel VQGAN|model.target=adapters.ldm.GumbelVQModel model.params.kl_weight=1.0e-08"
+  SPEC[vit_ste]="enh|tiny_vitvqgan||tiny ViT-VQGAN (STE)|"
+  SPEC[vit_rot]="enh|tiny_rot_vitvqgan||tiny ViT-VQGAN w/ rotation trick|"
+  EVAL_IMAGES="${EVAL_IMAGES:-64}"
+  # Small models on a shared CPU: one thread per process is faster than oversubscribed cores (often by 10x).
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+else
+  ALL_ROWS="vqgan_ste_64 vqgan_rot_64 vqgan_gumbel_64 vqgan_ste_32 vqgan_rot_32 vqgan_gumbel_32 vit_ste vit_rot"
+  SPEC[vqgan_ste_64]="ldm|configs/vqgan_64.yaml|64x64x3|VQGAN 64x64x3|"
+  SPEC[vqgan_rot_64]="ldm|configs/rot_vqgan_64.yaml|64x64x3|VQGAN w/ rotation trick 64x64x3|"
+  SPEC[vqgan_gumbel_64]="ldm|configs/gumbel_vqgan_64.yaml|64x64x3|Gumbel VQGAN 64x64x3|"
+  SPEC[vqgan_ste_32]="ldm|configs/vqgan_32.yaml|32x32x4|VQGAN 32x32x4|"
+  SPEC[vqgan_rot_32]="ldm|configs/rot_vqgan_32.yaml|32x32x4|VQGAN w/ rotation trick 32x32x4|"
+  SPEC[vqgan_gumbel_32]="ldm|configs/gumbel_vqgan_32.yaml|32x32x4|Gumbel VQGAN 32x32x4|"
+  SPEC[vit_ste]="enh|vitvqgan_small||ViT-VQGAN|"
+  SPEC[vit_rot]="enh|rot_vitvqgan_small||ViT-VQGAN w/ rotation trick|"
+  if [[ -z "$IMAGENET" && $DRY == 0 ]]; then
+    die "--scale full needs ImageNet: pass --imagenet ROOT or set IMAGENET_ROOT (train/<wnid>/, val/<wnid>/)"
+  fi
+  export IMAGENET_ROOT="$IMAGENET"
+fi
+ROWS="${ROWS:-$ALL_ROWS}"
+ROWS="${ROWS//,/ }"
+for row in $ROWS; do [[ -n "${SPEC[$row]+x}" ]] || die "unknown row '$row' for --scale $SCALE (rows: $ALL_ROWS)"; done
+NGPU=$(awk -F, '{n=0; for (i=1;i<=NF;i++) if ($i != "") n++; print n}' <<< "$GPUS")
+
+run() {  # print, then run unless --dry-run
+  printf '+'; printf ' %q' "$@"; printf '\n'
+  if [[ $DRY == 0 ]]; then "$@"; fi
+}
+
+mkdir -p "$OUT/results" "$OUT/train" "$REPORT"
+START=$(date +%s)
+for row in $ROWS; do
+  IFS='|' read -r trainer config setting label overrides <<< "${SPEC[$row]}"
+  [[ -n "$SEED" ]] && label="$label (seed $SEED)"
+  echo "=== $row: $label ($(( $(date +%s) - START ))s elapsed)"
+  run_dir="$OUT/train/$row"
+  if [[ -n "$CKPTS" ]]; then
+    ckpt="$CKPTS/$row.ckpt"
+    [[ $DRY == 1 || -f "$ckpt" ]] || die "--checkpoints $CKPTS: no $row.ckpt there"
+    eval_config="$config"
+    [[ "$trainer" == enh ]] && eval_config="configs/$config.yaml"
+  elif [[ "$trainer" == ldm ]]; then
+    # latent-diffusion's main.py (patched for Lightning 2): logs/checkpoints go to <run_dir>/<time>_<name>/.
+    train_args=(--base "$config" -t --logdir "$run_dir")
+    [[ -n "$SEED" ]] && train_args+=(--seed "$SEED")
+    if [[ "$SCALE" == tiny ]]; then
+      train_args+=("lightning.trainer.max_steps=$VQGAN_STEPS" "model.base_learning_rate=$VQGAN_LR")
+    else
+      train_args+=(--gpus "$GPUS" "lightning.trainer.max_epochs=4")
+    fi
+    # shellcheck disable=SC2206  # overrides are space-separated key=value words
+    extra=($overrides)
+    run "$PYTHON" third_party/latent-diffusion/main.py "${train_args[@]}" "${extra[@]}"
+    log_dir=$(ls -d "$run_dir"/*/ 2>/dev/null | sort | tail -n 1 || true)
+    log_dir="${log_dir:-$run_dir/<time>_<name>}"  # (the placeholder only shows in --dry-run)
+    ckpt="${log_dir%/}/checkpoints/last.ckpt"
+    # The run's saved config holds the command-line overrides (e.g. the Gumbel quantizer).
+    eval_config=$(ls "${log_dir%/}"/configs/*-project.yaml 2>/dev/null | sort | tail -n 1 || true)
+    eval_config="${eval_config:-$config}"
+  else
+    # enhancing-transformers' main.py (patched): runs go to <run_dir>/<config>/<ENHANCING_RUN_ID>/{ckpt,log}.
+    if [[ "$SCALE" == tiny ]]; then
+      enh_args=(-c "$config" -lr 1e-4 -e "$VIT_EPOCHS" -ng 0 -l csv -b 1000 -o "$run_dir")
+    else
+      enh_args=(-c "$config" -lr 1e-4 -e 10 -ng "$NGPU" -l tensorboard -o "$run_dir")
+    fi
+    [[ -n "$SEED" ]] && enh_args+=(-s "$SEED")
+    run env ENHANCING_RUN_ID="$row" "$PYTHON" third_party/enhancing-transformers/main.py "${enh_args[@]}"
+    ckpt=$(ls "$run_dir/$config/$row"/ckpt/*.ckpt 2>/dev/null | sort | tail -n 1 || true)
+    ckpt="${ckpt:-$run_dir/$config/$row/ckpt/<last epoch>.ckpt}"
+    eval_config="configs/$config.yaml"
+  fi
+  [[ $DRY == 1 || -f "$ckpt" ]] || die "row $row: training left no checkpoint (looked for ${ckpt:-a .ckpt under $run_dir})"
+
+  eval_args=(--config "$eval_config" --checkpoint "$ckpt" --out "$OUT/results/$row.json" --label "$label")
+  [[ -n "$setting" ]] && eval_args+=(--setting "$setting")
+  if [[ "$SCALE" == tiny ]]; then
+    eval_args+=(--offline-photos --limit "$EVAL_IMAGES" --batch-size 4 --device cpu --num-workers 0 --offline)
+    if [[ -n "$INCEPTION" ]]; then eval_args+=(--inception-weights "$INCEPTION"); else eval_args+=(--no-fid); fi
+    if [[ -n "$LPIPS_BACKBONE" ]]; then eval_args+=(--lpips-backbone "$LPIPS_BACKBONE"); else eval_args+=(--no-lpips); fi
+  else
+    # Per-batch codebook usage is measured at the paper's training batch: 16 (Table 3), 32 (Table 4).
+    bs=16; [[ "$trainer" == enh ]] && bs=32
+    eval_args+=(--data-root "$IMAGENET" --split val --batch-size "$bs")
+    [[ -n "$EVAL_IMAGES" ]] && eval_args+=(--limit "$EVAL_IMAGES")
+    [[ -n "$INCEPTION" ]] && eval_args+=(--inception-weights "$INCEPTION")
+    [[ -n "$LPIPS_BACKBONE" ]] && eval_args+=(--lpips-backbone "$LPIPS_BACKBONE")
+  fi
+  if [[ "$SCALE" == full && "$NGPU" -gt 1 ]]; then
+    run env CUDA_VISIBLE_DEVICES="${GPUS%,}" torchrun --standalone --nproc_per_node "$NGPU" scripts/evaluate.py "${eval_args[@]}"
+  elif [[ "$SCALE" == full ]]; then
+    run env CUDA_VISIBLE_DEVICES="${GPUS%,}" "$PYTHON" scripts/evaluate.py "${eval_args[@]}"
+  else
+    run "$PYTHON" scripts/evaluate.py "${eval_args[@]}"
+  fi
+done
+
+run "$PYTHON" scripts/make_tables.py "$OUT/results" --out "$REPORT" --command "$INVOCATION"
+# The report folder keeps the records it was made from (and their example reconstructions), so it stands alone.
+if [[ $DRY == 0 && "$(cd "$REPORT" && pwd)" != "$(cd "$OUT/results" && pwd)" ]]; then
+  mkdir -p "$REPORT/results"
+  cp "$OUT"/results/*.json "$OUT"/results/*.png "$REPORT/results/" 2>/dev/null || true
+fi
+echo "reproduce.sh: done in $(( $(date +%s) - START ))s; results in $OUT/results, tables and plots in $REPORT"

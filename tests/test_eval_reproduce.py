@@ -1,0 +1,81 @@
+"""scripts/reproduce.sh: argument errors and the command sequence it runs (--dry-run: nothing is trained)."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPT = ROOT / "scripts" / "reproduce.sh"
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=env)
+
+
+def _commands(out: str, program: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("+ ") and program in line]
+
+
+def test_scale_is_required_and_checked() -> None:
+    for args in ([], ["--scale", "huge"]):
+        res = _run(*args)
+        assert res.returncode == 2 and "--scale tiny|full is required" in res.stderr
+    res = _run("--scale", "tiny", "--bogus")
+    assert res.returncode == 2 and "unknown option '--bogus'" in res.stderr
+    res = _run("--scale", "tiny", "--rows", "vqgan_ste,nope", "--dry-run")
+    assert res.returncode == 2 and "unknown row 'nope'" in res.stderr
+
+
+def test_full_scale_needs_imagenet(tmp_path) -> None:
+    env = {k: v for k, v in __import__("os").environ.items() if k != "IMAGENET_ROOT"}
+    res = _run("--scale", "full", "--out", str(tmp_path), env=env)
+    assert res.returncode == 2 and "needs ImageNet" in res.stderr
+
+
+def test_tiny_dry_run_trains_and_evaluates_every_row_offline(tmp_path) -> None:
+    res = _run("--scale", "tiny", "--dry-run", "--out", str(tmp_path / "o"))
+    assert res.returncode == 0, res.stderr
+    ldm = _commands(res.stdout, "latent-diffusion/main.py")
+    enh = _commands(res.stdout, "enhancing-transformers/main.py")
+    ev = _commands(res.stdout, "scripts/evaluate.py")
+    assert len(ldm) == 3 and len(enh) == 2 and len(ev) == 5
+    assert sum("GumbelVQModel" in c for c in ldm) == 1
+    assert all("--gpus" not in c for c in ldm) and all("-ng 0" in c for c in enh)  # CPU
+    assert all("--offline-photos" in c and "--offline" in c and "--no-fid" in c for c in ev)
+    assert _commands(res.stdout, "scripts/make_tables.py")
+    for cfg in re.findall(r"--base (\S+)", "\n".join(ldm)):
+        assert (ROOT / cfg).is_file(), cfg
+    for name in re.findall(r"-c (\S+)", "\n".join(enh)):
+        assert (ROOT / "configs" / f"{name}.yaml").is_file(), name
+
+
+def test_full_dry_run_sequence(tmp_path) -> None:
+    res = _run("--scale", "full", "--dry-run", "--imagenet", "/data/imagenet", "--gpus", "0,1",
+               "--out", str(tmp_path / "o"))
+    assert res.returncode == 0, res.stderr
+    ldm = _commands(res.stdout, "latent-diffusion/main.py")
+    enh = _commands(res.stdout, "enhancing-transformers/main.py")
+    ev = _commands(res.stdout, "scripts/evaluate.py")
+    assert len(ldm) == 6 and all("max_epochs=4" in c and "--gpus" in c for c in ldm)
+    assert len(enh) == 2 and all("-e 10" in c and "-lr 1e-4" in c for c in enh)
+    assert len(ev) == 8 and all("torchrun" in c and "--data-root /data/imagenet" in c for c in ev)
+    assert sum("--batch-size 16" in c for c in ev) == 6 and sum("--batch-size 32" in c for c in ev) == 2
+    for cfg in re.findall(r"--base (\S+)", "\n".join(ldm)):
+        assert (ROOT / cfg).is_file(), cfg
+    for name in re.findall(r"-c (\S+)", "\n".join(enh)):
+        assert (ROOT / "configs" / f"{name}.yaml").is_file(), name
+
+
+def test_seed_reaches_both_trainers_and_the_labels(tmp_path) -> None:
+    res = _run("--scale", "tiny", "--dry-run", "--seed", "7", "--rows", "vqgan_rot,vit_rot",
+               "--out", str(tmp_path / "o"))
+    assert res.returncode == 0, res.stderr
+    assert all("--seed 7" in c for c in _commands(res.stdout, "latent-diffusion/main.py"))
+    assert all(c.endswith("-s 7") for c in _commands(res.stdout, "enhancing-transformers/main.py"))
+    assert all("(seed 7)" in c.replace("\\", "") for c in _commands(res.stdout, "scripts/evaluate.py"))
