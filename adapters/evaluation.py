@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from adapters import metrics as M
+from adapters.released import is_released_config, translate_released_model_config
 
 SCHEMA = "rotation-trick-eval/1"
 
@@ -183,7 +184,12 @@ def load_model(config: DictConfig | str | os.PathLike, checkpoint: Optional[str 
     pretrained weights, its discriminator does not enter ``rec_loss``); any other missing key is an error.
     """
     cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else config
-    model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    raw = OmegaConf.to_container(cfg.model, resolve=True)
+    if is_released_config(raw):
+        raw = translate_released_model_config(raw)
+        print(f"config: the authors' released Table 3 form, evaluated as {raw['target']} with "
+              f"gradient: {raw['params']['gradient']}")
+    model_cfg = OmegaConf.create(raw)
     params = model_cfg.get("params", None)
     if params is not None:
         # Both upstreams would load a checkpoint in __init__ from these keys; we load explicitly below.
