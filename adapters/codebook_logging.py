@@ -84,6 +84,8 @@ class CodebookLoggingMixin:
             self.log_dict(stats, logger=True, on_step=False, on_epoch=True, sync_dist=True)
 
     def _log_totals(self, split: str) -> None:
+        if not self.codebook.track_stats:  # nothing was counted (same config on every rank: no collective skipped)
+            return
         stats = self.code_stats.compute(reset=True)  # every rank calls it: it all-reduces
         # already summed over ranks, so rank 0 logs it as it is
         self.log_dict(self._stats_log(stats, split, "_total"), logger=True, on_step=False, on_epoch=True,

@@ -59,20 +59,30 @@ def _check_layout(layout: str) -> str:
 
 def resize_and_crop(img: Image.Image, size: int, random_crop: bool, rng: Optional[np.random.Generator] = None
                     ) -> np.ndarray:
-    """taming's SmallestMaxSize + Random/CenterCrop. Returns uint8 (size, size, 3)."""
-    img = img.convert("RGB")
-    w, h = img.size
+    """taming's SmallestMaxSize + Random/CenterCrop. Returns uint8 (size, size, 3).
+
+    The resize is bilinear without antialiasing, like the cv2 INTER_LINEAR that taming's albumentations uses (PIL's
+    BILINEAR antialiases when it shrinks, which gives smoother images than the paper's). Random crops draw from
+    ``rng`` if given, else from torch's generator, which Lightning's seed_everything seeds.
+    """
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    h, w = arr.shape[:2]
     scale = size / min(w, h)
     if scale != 1.0:
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-    w, h = img.size
+        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+        t = torch.from_numpy(arr).permute(2, 0, 1)[None].float()
+        t = torch.nn.functional.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False,
+                                            antialias=False)
+        arr = t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    h, w = arr.shape[:2]
     if random_crop:
-        rng = rng if rng is not None else np.random.default_rng()
-        left = int(rng.integers(0, w - size + 1))
-        top = int(rng.integers(0, h - size + 1))
+        if rng is not None:
+            left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+        else:
+            left, top = (int(torch.randint(0, n - size + 1, ()).item()) for n in (w, h))
     else:
         left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return np.ascontiguousarray(arr[top:top + size, left:left + size])
 
 
 def to_layout(image: np.ndarray, layout: str) -> Union[np.ndarray, torch.Tensor]:

@@ -411,12 +411,16 @@ class EvalResult:
 
 
 def _shard(dataset: Dataset, limit: Optional[int]) -> Dataset:
+    """This rank's part of the evaluated images: ``limit`` spread evenly over the set (class-sorted sets keep all
+    their classes), then one contiguous slice per rank, so that batches hold the same neighbouring images (and the
+    per-batch usage the same meaning) whatever the number of processes."""
     n = len(dataset)  # type: ignore[arg-type]
-    if limit is not None:
-        n = min(n, limit)
+    chosen = list(range(n))
+    if limit is not None and limit < n:
+        chosen = sorted({round(i * (n - 1) / max(limit - 1, 1)) for i in range(limit)}) if limit > 1 else [0]
     rank, world = (dist.get_rank(), dist.get_world_size()) if _dist_on() else (0, 1)
-    indices = list(range(rank, n, world))
-    return Subset(dataset, indices)
+    m = len(chosen)
+    return Subset(dataset, chosen[rank * m // world:(rank + 1) * m // world])
 
 
 def _latent_str(shape: Optional[tuple[int, ...]], family: str) -> Optional[str]:

@@ -33,6 +33,7 @@ from ldm.util import instantiate_from_config
 from taming.modules.vqvae.quantize import GumbelQuantize
 from torch import Tensor, nn
 
+from adapters.checkpoints import allow_numpy_scalars_in_checkpoints
 from adapters.codebook_logging import CodebookLoggingMixin
 from adapters.quantizer import GRADIENTS, CodebookStats, RotationVectorQuantizer
 
@@ -72,11 +73,13 @@ class RotationVQModel(CodebookLoggingMixin, VQModel):
                              f"gradient, quantizer_config, {', '.join(sorted(upstream_options))}")
         # The checkpoint is loaded after the quantizer swap (upstream loads it inside its __init__).
         super().__init__(ddconfig, lossconfig, n_embed, embed_dim, *args, **kwargs)
+        allow_numpy_scalars_in_checkpoints()  # upstream's lr schedules store numpy floats; -r must read them
         if not _accepts(self.loss.forward, "predicted_indices"):
             raise ValueError(f"{type(self.loss).__module__}.{type(self.loss).__name__} does not accept the "
                              "predicted_indices argument that latent-diffusion's VQModel passes to its loss; use "
-                             "lossconfig.target: adapters.losses.VQLPIPSWithDiscriminator (taming's loss) or "
-                             "ldm.modules.losses.vqperceptual.VQLPIPSWithDiscriminator")
+                             "lossconfig.target: adapters.losses.VQLPIPSWithDiscriminator (taming's loss; latent-diffusion's "
+                             "own ldm.modules.losses.vqperceptual loss fails at its first forward at the pinned "
+                             "commit)")
         self.gradient = gradient
         self.quantize = self.build_quantizer(self.quantize, n_embed, embed_dim, ddconfig, gradient, qcfg,
                                              kwargs.get("remap"), kwargs.get("sane_index_shape", False))
@@ -91,8 +94,9 @@ class RotationVQModel(CodebookLoggingMixin, VQModel):
                         qcfg: dict, remap: Optional[str], sane_index_shape: bool) -> nn.Module:
         """The shared quantizer, starting from upstream's codebook (same initial draw for a given seed)."""
         beta = qcfg.pop("beta", 0.25)
-        quantizer = RotationVectorQuantizer(n_embed, embed_dim, beta=beta, remap=remap,
-                                            sane_index_shape=sane_index_shape, gradient=gradient, **qcfg)
+        with torch.random.fork_rng(devices=[]):  # leave the RNG stream where upstream's would be
+            quantizer = RotationVectorQuantizer(n_embed, embed_dim, beta=beta, remap=remap,
+                                                sane_index_shape=sane_index_shape, gradient=gradient, **qcfg)
         quantizer.load_state_dict(upstream.state_dict())
         return quantizer
 

@@ -45,6 +45,7 @@ from torchvision import transforms as T
 
 from adapters.data import ImageNetFolder
 from adapters.losses import MissingWeightsError
+from adapters.checkpoints import allow_numpy_scalars_in_checkpoints
 from adapters.codebook_logging import CodebookLoggingMixin
 from adapters.quantizer import GRADIENTS, NormRotationQuantizer
 
@@ -97,7 +98,7 @@ class VQLPIPSWithDiscriminator(vqperceptual.VQLPIPSWithDiscriminator):
                 raise MissingWeightsError(missing_vgg16_message())
             try:
                 super().__init__(*args, perceptual_weight=perceptual_weight, **kwargs)
-            except Exception as err:  # urllib/requests connection errors, truncated files, ...
+            except (OSError, RuntimeError) as err:  # network errors (URLError is an OSError), truncated files
                 if had_weights:
                     raise
                 raise MissingWeightsError(missing_vgg16_message()) from err
@@ -188,11 +189,13 @@ class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
         scheduler = _as_config(scheduler)
         if "gradient" in quantizer:
             raise ValueError("put the estimator at model.params.gradient, not model.params.quantizer.gradient")
+        allow_numpy_scalars_in_checkpoints()  # upstream's lr schedules store numpy floats; -r must read them
         # The checkpoint is loaded after the quantizer swap (upstream would load it into its own quantizer).
         super().__init__(image_key, image_size, patch_size, encoder, decoder, quantizer, loss, None,
                          list(ignore_keys), scheduler)
         upstream = self.quantizer
-        self.quantizer = NormRotationQuantizer(gradient=gradient, **OmegaConf.to_container(quantizer))
+        with torch.random.fork_rng(devices=[]):  # the draws below leave the RNG stream where upstream's would be
+            self.quantizer = NormRotationQuantizer(gradient=gradient, **OmegaConf.to_container(quantizer))
         self.quantizer.load_state_dict(upstream.state_dict())  # same initial codebook as upstream for a seed
         self.gradient = gradient
         self.automatic_optimization = False

@@ -131,3 +131,32 @@ def test_photo_crops_are_real_varied_images() -> None:
     np.testing.assert_array_equal(val[2]["image"], val[2]["image"])
     chw = PhotoCrops(size=32, length=1, photos=["coffee"], layout="chw")[0]["image"]
     assert chw.shape == (3, 32, 32) and 0.0 <= float(chw.min()) and float(chw.max()) <= 1.0
+
+
+def test_resize_is_bilinear_without_antialias_like_taming_cv2() -> None:
+    """Halving with cv2's INTER_LINEAR (taming's SmallestMaxSize) averages 2x2 blocks; PIL's antialiased BILINEAR
+    would blur over a wider window."""
+    from PIL import Image
+
+    from adapters.data import resize_and_crop
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    out = resize_and_crop(Image.fromarray(arr), 32, random_crop=False)
+    blocks = arr.astype(np.float64).reshape(32, 2, 48, 2, 3).mean(axis=(1, 3))
+    expect = np.round(blocks[:, 8:40])  # centre crop of the 32x48 result
+    assert np.abs(out.astype(np.float64) - expect).max() <= 1
+
+
+def test_random_crops_follow_torch_seed() -> None:
+    import torch
+    from PIL import Image
+
+    from adapters.data import resize_and_crop
+
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (80, 120, 3), dtype=np.uint8))
+    torch.manual_seed(3)
+    a = resize_and_crop(img, 64, random_crop=True)
+    torch.manual_seed(3)
+    b = resize_and_crop(img, 64, random_crop=True)
+    assert np.array_equal(a, b)

@@ -317,7 +317,8 @@ def test_upstream_latent_diffusion_vqmodel_checkpoint(tmp_path) -> None:
     ckpt = tmp_path / "ldm.ckpt"
     torch.save({"state_dict": loaded.model.state_dict()}, ckpt)
     opts = E.EvalOptions(batch_size=2, limit=3, fid=False, lpips=False, progress=False, device="cpu")
-    rec = E.run_evaluation(cfg_path, ckpt, lambda m: E.build_dataset(m, "photos"), opts, tmp_path / "r.json")
+    rec = E.run_evaluation(cfg_path, ckpt, lambda m: E.build_dataset(m, "photos", limit=3), opts,
+                           tmp_path / "r.json")
     assert rec["model"]["quantizer"].endswith("VectorQuantizer2") and rec["model"]["latent_shape"] == "8x8x3"
     m = rec["metrics"]
     assert m["quant_error"] is not None and m["valid_loss"] is not None and rec["data"]["num_images"] == 3
@@ -373,3 +374,16 @@ def test_evaluate_command_reports_bad_input_in_one_line(tmp_path) -> None:
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == f"evaluate.py: error: config {tmp_path / 'no.yaml'}: no such file"
     assert "Traceback" not in res.stderr
+
+
+def test_shard_spreads_a_limit_and_gives_each_rank_a_contiguous_slice(monkeypatch) -> None:
+    data = list(range(100))
+    assert list(E._shard(data, 5)) == [0, 25, 50, 74, 99]
+    assert list(E._shard(data, None)) == data
+    monkeypatch.setattr(E, "_dist_on", lambda: True)
+    monkeypatch.setattr(E.dist, "get_world_size", lambda: 4)
+    parts = []
+    for rank in range(4):
+        monkeypatch.setattr(E.dist, "get_rank", lambda rank=rank: rank)
+        parts.append(list(E._shard(data, None)))
+    assert parts[1] == list(range(25, 50)) and sum(parts, []) == data

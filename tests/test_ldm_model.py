@@ -180,3 +180,38 @@ def test_gumbel_baseline_trains_with_annealed_temperature(tmp_path: Path) -> Non
     assert model.quantize.temperature < 0.9  # annealed along the cosine schedule
     metrics = trainer.callback_metrics
     assert "train/codebook_usage" in metrics and "train/quant_error" not in metrics
+
+
+@requires_ldm
+def test_resume_with_an_lr_scheduler(tmp_path) -> None:
+    """Upstream's schedules put numpy floats into checkpoints; resuming (weights_only loading) must still work."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from adapters.data import PhotoCrops
+
+    def make():
+        m = _ours(gradient="rotation_released", scheduler_config={
+            "target": "ldm.lr_scheduler.LambdaLinearScheduler",
+            "params": {"warm_up_steps": [2], "cycle_lengths": [10], "f_start": [0.1], "f_max": [1.0],
+                       "f_min": [1.0]}})
+        m.learning_rate = 1e-3
+        return m
+
+    data = DataLoader(PhotoCrops(size=32, length=8, photos=["astronaut"], scale_to=64), batch_size=2)
+    kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    first = pl.Trainer(max_steps=3, **kw)
+    first.fit(make(), data)
+    first.save_checkpoint(tmp_path / "a.ckpt")
+    second = pl.Trainer(max_steps=5, **kw)
+    second.fit(make(), data, ckpt_path=str(tmp_path / "a.ckpt"))
+    assert second.global_step == 5
+
+
+def test_building_ours_leaves_the_rng_stream_where_upstream_leaves_it() -> None:
+    """Same seed, same model, same data order afterwards: the quantizer swap draws from a forked generator."""
+    _upstream()
+    after_upstream = torch.rand(4)
+    _ours(gradient="rotation")
+    assert torch.equal(torch.rand(4), after_upstream)

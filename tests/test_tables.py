@@ -40,7 +40,7 @@ def test_tables_from_fixture_records(tmp_path) -> None:
     report = (tmp_path / "report.md").read_text()
     assert "![training_table3.png](training_table3.png)" in report and "Same direction as the paper in" in report
     md = (tmp_path / "table3.md").read_text()
-    assert "| VQGAN w/ rotation trick | 64x64x3 | 8192 | paper | 50000 | 86.0% |" in md
+    assert "| VQGAN w/ rotation trick | 64x64x3 | 8192 | paper | 50000 | 86% |" in md
     assert "ours: fixture rotation" in md and "ours: fixture Gumbel" in md
 
     rows = _csv_rows(tmp_path / "table3.csv")

@@ -222,6 +222,9 @@ def test_missing_vgg_weights_is_one_clear_error(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", unreachable)
     with pytest.raises(MissingWeightsError, match="perceptual_weight: 0"):
         VQLPIPSWithDiscriminator(perceptual_weight=0.1, disc_params={"size": 8})
+    # A mistake in the config is reported as itself, not as missing weights.
+    with pytest.raises(TypeError, match="disc_strat"):
+        VQLPIPSWithDiscriminator(perceptual_weight=0.1, disc_params={"size": 8}, disc_strat=0)
 
 
 # --- data -------------------------------------------------------------------------------------------------------

@@ -17,11 +17,10 @@ def perplexity_from_counts(counts: Tensor) -> Tensor:
     """exp(-sum p log p) of a histogram. counts: (K,) -> 0-d float tensor (0 for an empty histogram)."""
     counts = counts.double()
     total = counts.sum()
-    if total <= 0:
-        return torch.zeros((), dtype=torch.float32, device=counts.device)
-    p = counts / total
+    p = counts / total.clamp_min(1)
     entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
-    return torch.exp(entropy).float()
+    # torch.where, not an `if` on a device tensor: no host sync on every training forward
+    return torch.where(total > 0, torch.exp(entropy), torch.zeros_like(entropy)).float()
 
 
 def summarize(counts: Tensor, err_sum: Tensor, n_vectors: Tensor) -> dict[str, Tensor]:
