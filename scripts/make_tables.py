@@ -223,9 +223,14 @@ def build_rows(records: Sequence[Mapping[str, Any]], table: int,
     return rows
 
 
-def fmt(key: str, v: Optional[float], diff: bool = False) -> str:
+def fmt(key: str, v: Optional[float], diff: bool = False, paper: bool = False) -> str:
+    """One cell. ``paper`` cells are quoted as the paper prints them (no rounding, no padding)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
+    if paper:
+        if key in PERCENT:
+            return f"{100 * v:g}%"
+        return f"{v:.1e}" if key == "quant_error" else f"{v:g}"
     sign = "+" if diff and v >= 0 else ""
     if key in PERCENT:
         return f"{sign}{100 * v:.1f}{' pp' if diff else '%'}"
@@ -244,7 +249,8 @@ def render_markdown(rows: Sequence[TableRow], table: int) -> str:
         src = r.source if r.source != "ours" else f"ours: {r.label}"
         cells = [r.name if r.source != "ours - paper" else "", r.setting if r.source != "ours - paper" else "",
                  str(r.codebook_size or ""), src, str(r.images or "")]
-        cells += [fmt(k, r.values.get(k), diff=r.source == "ours - paper") for k, _, _, _ in COLUMNS]
+        cells += [fmt(k, r.values.get(k), diff=r.source == "ours - paper", paper=r.source == "paper")
+                  for k, _, _, _ in COLUMNS]
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "Usage (per batch) is the paper's definition (fraction of the codebook one batch uses, averaged over "
             "batches); Usage (whole set) counts codes used anywhere in the evaluated set. Paper rows use the 50,000 "
