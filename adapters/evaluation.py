@@ -55,6 +55,8 @@ DEFINITIONS: dict[str, str] = {
     "perplexity_whole_set": "exp(entropy) of the code histogram over the whole set",
     "quant_error": "mean over latent vectors of ||e - q||^2, e the encoder output and q its codebook vector, in the "
                    "space the code is looked up in (l2-normalised for ViT-VQGAN); null for Gumbel quantizers",
+    "quant_error_per_dim": "quant_error divided by the latent dimension d: the per-element mean squared error, the "
+                           "form of upstream's codebook loss (the paper does not say which of the two it reports)",
     "valid_loss": "the model's loss module's val/rec_loss (as upstream's validation_step logs it), mean over images",
     "r_fid": "FID of the reconstructions against the originals (torch-fidelity Inception-v3, pool3 2048-d)",
     "r_is": "Inception Score of the reconstructions (torch-fidelity, 10 splits); r_is_std its std over splits",
@@ -526,6 +528,11 @@ def evaluate(model: nn.Module, dataset: Dataset, options: EvalOptions, device: O
         raise ValueError("the dataset is empty: nothing to evaluate")
     metrics: dict[str, Any] = {k: None for k in METRIC_KEYS}
     metrics.update({k: v for k, v in code_stats.items() if k in metrics})
+    # The same error per latent dimension (the form of upstream's codebook-loss MSE), in case the paper's
+    # quantization error was that one; an extra key, so older records stay valid.
+    dim = getattr(get_quantizer(model), "e_dim", None) or getattr(get_quantizer(model), "embed_dim", None)
+    metrics["quant_error_per_dim"] = (code_stats["quant_error"] / dim
+                                      if code_stats["quant_error"] is not None and dim else None)
     if code_stats["quant_error"] is None:
         skipped["quant_error"] = "Gumbel quantizer: its input is not compared with a codebook vector"
     metrics["psnr"] = sums[1].item() / n

@@ -344,6 +344,7 @@ def test_rotation_vqgan_tiny_config(tmp_path) -> None:
     side = p.ddconfig.resolution // 2 ** (len(p.ddconfig.ch_mult) - 1)
     assert rec["model"]["gradient"] == p.gradient and rec["row"]["approach"] == "rotation"
     assert rec["model"]["latent_shape"] == f"{side}x{side}x{p.embed_dim}" and rec["metrics"]["quant_error"] is not None
+    assert rec["metrics"]["quant_error_per_dim"] == pytest.approx(rec["metrics"]["quant_error"] / p.embed_dim)
 
 
 @requires_enhancing
