@@ -33,7 +33,8 @@ from ldm.util import instantiate_from_config
 from taming.modules.vqvae.quantize import GumbelQuantize
 from torch import Tensor, nn
 
-from adapters.checkpoints import allow_numpy_scalars_in_checkpoints
+from adapters.lightning_compat import (allow_numpy_scalars_in_checkpoints, step_lr_schedulers,
+                                       step_without_counting)
 from adapters.codebook_logging import CodebookLoggingMixin
 from adapters.quantizer import GRADIENTS, CodebookStats, RotationVectorQuantizer
 
@@ -104,12 +105,6 @@ class RotationVQModel(CodebookLoggingMixin, VQModel):
     def before_train_step(self) -> None:
         """Hook run before each batch's updates (the Gumbel baseline anneals its temperature here)."""
 
-    def _step_without_counting(self, optimizer: Any) -> None:
-        # Lightning 2 counts every optimizer.step() as a global step; upstream (Lightning 1.4) counted one per batch,
-        # which its disc_start, schedulers, max_steps and checkpoint intervals assume. The strategy's step applies
-        # the same precision/clipping handling without advancing the counter.
-        self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
-
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         opt_ae, opt_disc = self.optimizers()
         step = self.global_step  # both losses see the same step, as under Lightning 1.4
@@ -136,13 +131,11 @@ class RotationVQModel(CodebookLoggingMixin, VQModel):
                                             split="train")
         opt_disc.zero_grad()
         self.manual_backward(discloss)
-        self._step_without_counting(opt_disc)
+        step_without_counting(self, opt_disc)  # one global step per batch, as Lightning 1.4 counted
         self.untoggle_optimizer(opt_disc)
         self.log_dict(log_dict_disc, prog_bar=False, logger=True, on_step=True, on_epoch=True)
 
-        schedulers = self.lr_schedulers()
-        for scheduler in (schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []):
-            scheduler.step()
+        step_lr_schedulers(self)
         return aeloss.detach()
 
     def log_images(self, batch: dict, *args: Any, **kwargs: Any) -> dict[str, Tensor]:

@@ -45,7 +45,8 @@ from torchvision import transforms as T
 
 from adapters.data import ImageNetFolder
 from adapters.losses import MissingWeightsError
-from adapters.checkpoints import allow_numpy_scalars_in_checkpoints
+from adapters.lightning_compat import (allow_numpy_scalars_in_checkpoints, step_lr_schedulers,
+                                       step_without_counting)
 from adapters.codebook_logging import CodebookLoggingMixin
 from adapters.quantizer import GRADIENTS, NormRotationQuantizer
 
@@ -221,13 +222,11 @@ class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
 
     # --- training -------------------------------------------------------------------------------------------------
     def _optimizer_step(self, optimizer: Any, counted: bool) -> None:
-        # Lightning 2 advances global_step at every optimizer.step(); Lightning 1.5 advanced it once per batch
-        # (per optimizer step), which disc_start, the schedulers and the logged steps assume. The second optimizer
-        # therefore steps through the strategy: same precision handling, no count.
+        # One global step per (accumulated) update, as Lightning 1.5 counted: the second optimizer does not count.
         if counted:
             optimizer.step()
         else:
-            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
+            step_without_counting(self, optimizer)
         optimizer.zero_grad()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -270,9 +269,7 @@ class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
             self.log_dict(log_dict_disc, prog_bar=False, logger=True, on_step=True, on_epoch=True)
 
         if step_now:
-            schedulers = self.lr_schedulers()
-            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
-                scheduler.step()
+            step_lr_schedulers(self)
         return aeloss.detach()
 
     # --- validation -----------------------------------------------------------------------------------------------
