@@ -19,6 +19,8 @@ import torch
 from taming.modules.losses import vqperceptual
 from torch import nn
 
+from adapters.errors import MissingWeightsError
+
 OFFLINE_ENV = "ROTATION_TRICK_OFFLINE"
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 weights (models.vgg16(pretrained=True))
 LPIPS_FILE = "vgg.pth"  # taming's LPIPS linear heads, read from <cwd>/taming/modules/autoencoder/lpips/
@@ -26,8 +28,6 @@ LPIPS_URL = "https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 
-class MissingWeightsError(RuntimeError):
-    """LPIPS/VGG16 weights are missing and could not be downloaded."""
 
 
 def lpips_weight_paths() -> dict[str, Path]:

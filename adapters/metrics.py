@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adapters.errors import MissingWeightsError
+
 # torch-fidelity's Inception-v3 (converted from the TF FID graph); the file name is part of its release URL.
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
@@ -34,8 +36,6 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 
 
-class MissingWeightsError(RuntimeError):
-    """Standard network weights are neither given, cached, nor downloadable."""
 
 
 def hub_checkpoint_path(filename: str) -> Path:

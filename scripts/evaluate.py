@@ -127,7 +127,8 @@ if __name__ == "__main__":
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:
-        if type(err).__name__ != "MissingWeightsError":
+        from adapters.errors import MissingWeightsError
+        if not isinstance(err, MissingWeightsError):
             raise
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         sys.exit(2)
