@@ -1,7 +1,22 @@
-"""Errors the project raises for things a user must fix (one class each, shared by every module)."""
+"""Errors the project raises for things a user must fix (one class each, shared by every module).
+
+Every class here carries ``one_line = True``: the patched upstream ``main.py`` files print such an error as one
+line (``main.py: <message>``) and exit 1 instead of printing a traceback, because the message already says what is
+wrong and what to do.
+"""
 from __future__ import annotations
 
 
-class MissingWeightsError(RuntimeError):
+class UserError(RuntimeError):
+    """Base: a problem the user fixes (bad input, missing file); the message says what is wrong and what to do."""
+
+    one_line = True
+
+
+class MissingWeightsError(UserError):
     """Pretrained network weights (LPIPS/VGG16, Inception-v3, AlexNet) are neither on disk nor downloadable.
     The message names the file, where it comes from and where to put it."""
+
+
+class NonFiniteLossError(UserError):
+    """A training loss became NaN or infinite: the run stops, naming the loss, the step and what to try."""
