@@ -78,14 +78,35 @@ ARGS+=("${EXTRA[@]+"${EXTRA[@]}"}")
 N_PER_NODE="$(launch_count_gpus "$GPUS")"
 
 if [[ "$SLURM" == 1 ]]; then
-  # All ranks share one run time, fixed when the job starts, so they log into one run folder.
+  # The run folder is fixed now (all ranks, and every requeue of the job, use it): a preempted job is requeued by
+  # Lightning (SIGUSR1 before the time limit; RunGuard saves last.ckpt on the SIGTERM that follows) and its next
+  # start resumes that folder's last.ckpt instead of starting over.
+  RUN_TIME="${RUN_TIME:-$(date +%Y-%m-%dT%H-%M-%S)}"
+  if [[ -n "$RESUME" ]]; then
+    RUN_DIR="$RESUME"; [[ -d "$RUN_DIR" ]] || RUN_DIR="$(dirname "$(dirname "$RUN_DIR")")"
+    START=(-r "$RESUME")
+  else
+    RUN_DIR="$LOGDIR/${RUN_TIME}_${NAME:-$(basename "${CONFIGS[0]}" .yaml)}"  # main.py's <time>_<name>
+    START=(--base "${CONFIGS[@]}")
+    [[ -n "$NAME" ]] && START+=(-n "$NAME")  # main.py refuses -n together with -r
+  fi
+  REST=()  # ARGS without -r/--base/-n
+  for ((i = 0; i < ${#ARGS[@]}; i++)); do
+    case "${ARGS[i]}" in
+      -r|-n) ((i += 1)) ;;
+      --base) while ((i + 1 < ${#ARGS[@]})) && [[ "${ARGS[i + 1]}" != -* ]]; do ((i += 1)); done ;;
+      *) REST+=("${ARGS[i]}") ;;
+    esac
+  done
   launch_sbatch_head vqgan "$N_PER_NODE" "#SBATCH --output=vqgan-%j.out"
   cat <<EOF
 export PYTHONPATH=$(printf '%q' "$PYTHONPATH")
 mkdir -p $(printf '%q' "$LOGDIR")
 ${IMAGENET_ROOT:+export IMAGENET_ROOT=$(printf '%q' "$IMAGENET_ROOT")}
-export LDM_MAIN_RUN_TIME="\$(date +%Y-%m-%dT%H-%M-%S)"
-srun $(printf '%q ' "$PYTHON_BIN" "$MAIN" "${ARGS[@]}")
+export LDM_MAIN_RUN_TIME=$(printf '%q' "$RUN_TIME")
+RUN_DIR=$(printf '%q' "$RUN_DIR")
+if [[ -f "\$RUN_DIR/checkpoints/last.ckpt" ]]; then START=(-r "\$RUN_DIR"); else START=($(printf '%q ' "${START[@]}")); fi
+srun $(printf '%q ' "$PYTHON_BIN" "$MAIN") "\${START[@]}" $(printf '%q ' "${REST[@]}")
 EOF
   exit 0
 fi

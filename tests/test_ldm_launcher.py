@@ -73,3 +73,31 @@ def test_resume_and_argument_errors(tmp_path: Path) -> None:
     ]:
         res = launch(*args, "--dry-run")
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+
+
+def test_slurm_job_requeued_after_preemption_resumes_its_own_run_folder(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    res = launch("--config", "configs/rot_vqgan_64.yaml", "--gpus", "0,1", "--slurm", "--name", "r64",
+                 "--logdir", str(logs), "--", "lightning.trainer.max_steps=5")
+    assert res.returncode == 0, res.stderr
+    script = res.stdout
+    for line in ("#SBATCH --signal=USR1@120", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
+        assert line in script, line  # Lightning's SLURM environment saves and requeues on SIGUSR1
+    # Run the job script twice with srun stubbed: the first start trains the config, a requeued start resumes.
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "srun").write_text("#!/usr/bin/env bash\necho \"$@\"\n")
+    (stub / "srun").chmod(0o755)
+    env = {"PATH": f"{stub}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    first = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "--base" in first.stdout and "-n r64" in first.stdout and " -r " not in first.stdout
+    (run_dir,) = [line.split("=", 1)[1] for line in script.splitlines() if line.startswith("RUN_DIR=")]
+    assert Path(run_dir).name.endswith("_r64") and Path(run_dir).parent == logs
+    (Path(run_dir) / "checkpoints").mkdir(parents=True)
+    (Path(run_dir) / "checkpoints" / "last.ckpt").write_bytes(b"")
+    again = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr
+    out = again.stdout
+    assert f"-r {run_dir} -t" in out and "--base" not in out and "-n r64" not in out
+    assert out.strip().endswith("lightning.trainer.max_steps=5")

@@ -219,3 +219,4 @@ def test_misspelt_section_stops_before_training(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "unknown top-level config section(s) ['lighting']" in proc.stderr
     assert "Traceback" not in proc.stderr
+

@@ -4,8 +4,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,29 @@ def test_two_process_ddp_on_cpu_keeps_per_rank_statistics(tmp_path: Path) -> Non
     run_dirs = list((tmp_path / "experiments" / "probe").iterdir())
     assert [d.name for d in run_dirs] == ["ddp"]  # both processes wrote to one run directory
     assert (run_dirs[0] / "ckpt" / "probe-epoch=00.ckpt").is_file()
+
+
+@pytest.mark.longrun
+def test_vitvqgan_sigterm_saves_last_ckpt_and_exits_zero_then_resumes(tmp_path: Path) -> None:
+    """enhancing-transformers' main.py (patched) gets the same RunGuard: interval saves and a save on SIGTERM."""
+    out, log = tmp_path / "runs", tmp_path / "vit.log"
+    env = {**os.environ, "ENHANCING_RUN_ID": "r", "ENHANCING_NO_CUDA_OPS": "1", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    common = ["-c", "tiny_rot_vitvqgan", "-lr", "1e-4", "-ng", "0", "-l", "csv", "-b", "1000", "-o", str(out)]
+    ckpt = out / "tiny_rot_vitvqgan" / "r" / "ckpt" / "last.ckpt"
+    with log.open("w") as f:
+        # 8 steps per epoch; the tiny config saves last.ckpt every 50 steps, so the first save here is SIGTERM's
+        proc = subprocess.Popen([sys.executable, str(ENHANCING_TREE / "main.py"), *common, "-e", "100"], cwd=ROOT,
+                                env=env, stdout=f, stderr=subprocess.STDOUT)
+    end = time.time() + 240
+    while "Epoch 1" not in log.read_text() and time.time() < end:  # into the second epoch
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)  # written by this test
+    assert state["global_step"] > 8 and len(state["optimizer_states"]) == 2
+    resumed = subprocess.run([sys.executable, str(ENHANCING_TREE / "main.py"), *common, "-e", "3", "-r", str(ckpt)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"RunGuard: training from step {state['global_step']};" in resumed.stdout + resumed.stderr

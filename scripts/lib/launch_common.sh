@@ -130,7 +130,9 @@ launch_sbatch_head() {
   local job=$1 tasks=$2
   shift 2
   [[ -n "$GPUS" ]] || launch_die "--slurm needs --gpus"
-  # One task per GPU: srun starts them and Lightning reads SLURM's variables for the ranks.
+  # One task per GPU: srun starts them and Lightning reads SLURM's variables for the ranks. Two minutes before the
+  # time limit SLURM sends SIGUSR1: Lightning's SLURM environment saves and requeues the job (--requeue), and
+  # the output file is appended to across requeues.
   cat <<EOF
 #!/usr/bin/env bash
 #SBATCH --job-name=$job
@@ -140,6 +142,9 @@ launch_sbatch_head() {
 #SBATCH --cpus-per-task=$CPUS_PER_TASK
 #SBATCH --time=$TIME_LIMIT
 ${PARTITION:+#SBATCH --partition=$PARTITION}
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
 EOF
   [[ $# -eq 0 ]] || printf '%s\n' "$@"
   echo "set -euo pipefail"
