@@ -20,3 +20,18 @@ class MissingWeightsError(UserError):
 
 class NonFiniteLossError(UserError):
     """A training loss became NaN or infinite: the run stops, naming the loss, the step and what to try."""
+
+
+class UntrustedCheckpointError(UserError):
+    """A checkpoint holds more than weights and the data types Lightning checkpoints hold, so loading it could run
+    code from the file (``adapters.safe_load``). The message names the file, the types and the opt-in that trusts it."""
+
+
+class UpstreamMissingError(UserError, ModuleNotFoundError):
+    """An upstream package (``ldm``, ``enhancing``) cannot be imported: the message names its tree under
+    ``third_party/`` and says to run ``scripts/setup_submodules.sh`` (``adapters.upstream``)."""
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """A checkpoint's state dict does not fit the model its config builds (keys missing, shapes differ): the message
+    names both files, what differs and which config to use instead."""

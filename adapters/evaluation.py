@@ -19,12 +19,11 @@ Both codebases are supported through their public interfaces, so upstream-only c
 Codebook statistics come from the quantizer itself when it keeps them (``adapters.quantizer``: ``last_stats``,
 ``epoch_stats``); for upstream quantizers they are computed from a forward hook with the same definitions.
 Upstream trees must be importable (``ldm``/``enhancing`` on ``sys.path``); ``scripts/evaluate.py`` arranges that.
+Configs and checkpoints are loaded by ``adapters.model_loading`` (re-exported here).
 """
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import importlib
 import json
 import math
 import os
@@ -41,7 +40,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from adapters import metrics as M
-from adapters.released import is_released_config, translate_released_model_config
+# Config and checkpoint loading, re-exported: callers use adapters.evaluation.load_model etc.
+from adapters.model_loading import (LoadedModel, get_obj_from_str, get_quantizer, instantiate,  # noqa: F401
+                                    load_config, load_model, model_family, sha256_file)
 
 SCHEMA = "rotation-trick-eval/1"
 
@@ -95,6 +96,7 @@ class EvalOptions:
     allow_download: bool = True
     progress: bool = True
     examples: int = 8
+    trust_checkpoint: bool = False  # --trust-checkpoint: load with weights_only=False if needed (runs code)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -104,126 +106,8 @@ class EvalOptions:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model loading
+# Model description (loading lives in adapters.model_loading)
 # ---------------------------------------------------------------------------------------------------------------
-def get_obj_from_str(target: str) -> Any:
-    """'package.module.Name' -> the object; one clear error when the package is not importable."""
-    module, _, name = target.rpartition(".")
-    if not module:
-        raise ValueError(f"target {target!r} must be a dotted path 'package.module.Name'")
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        hint = ""
-        if target.startswith(("ldm.", "enhancing.")):
-            hint = (" The upstream trees must be on sys.path: run through scripts/evaluate.py (which adds "
-                    "third_party/latent-diffusion and third_party/enhancing-transformers), or set PYTHONPATH.")
-        raise ModuleNotFoundError(f"cannot import {module!r} for target {target!r}: {exc}.{hint}") from exc
-    if not hasattr(mod, name):
-        raise ValueError(f"target {target!r}: module {module!r} has no attribute {name!r}")
-    return getattr(mod, name)
-
-
-def instantiate(cfg: Mapping[str, Any]) -> Any:
-    """Build ``target(**params)`` as both upstreams do (params stay DictConfigs: enhancing reads ``encoder.dim``)."""
-    if "target" not in cfg:
-        raise ValueError("expected a config node with a `target:` key (and optional `params:`)")
-    params = cfg.get("params", None)
-    return get_obj_from_str(str(cfg["target"]))(**(params if params is not None else {}))
-
-
-def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> DictConfig:
-    """Load and merge one or more YAML configs (later ones override, like upstream main.py's --base)."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    configs = []
-    for p in paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"config {p}: no such file")
-        configs.append(OmegaConf.load(p))
-    cfg = OmegaConf.merge(*configs)
-    if "model" not in cfg or "target" not in cfg.model:
-        raise ValueError(f"config {list(map(str, paths))} has no `model: {{target: ..., params: ...}}` section; "
-                         f"give a latent-diffusion or enhancing-transformers model config")
-    return cfg  # type: ignore[return-value]
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_family(model: nn.Module) -> str:
-    """'taming' (latent-diffusion / taming VQModel) or 'enhancing' (enhancing-transformers ViTVQ)."""
-    if hasattr(model, "quantizer") and hasattr(model, "pre_quant"):
-        return "enhancing"
-    if hasattr(model, "quantize") and hasattr(model, "quant_conv"):
-        return "taming"
-    raise ValueError(f"{type(model).__name__} is neither a latent-diffusion/taming VQModel (quantize, quant_conv) nor "
-                     f"an enhancing-transformers ViTVQ (quantizer, pre_quant): cannot evaluate it")
-
-
-def get_quantizer(model: nn.Module) -> nn.Module:
-    return model.quantizer if model_family(model) == "enhancing" else model.quantize
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    config: DictConfig
-    family: str
-    checkpoint: dict[str, Any]
-
-
-def load_model(config: DictConfig | str | os.PathLike, checkpoint: Optional[str | os.PathLike],
-               device: str | torch.device = "cpu", hash_checkpoint: bool = True) -> LoadedModel:
-    """Instantiate ``config.model`` and load a Lightning checkpoint's ``state_dict`` into it.
-
-    Keys under ``loss.`` may be absent (valid loss then uses a freshly built loss module: its LPIPS comes from
-    pretrained weights, its discriminator does not enter ``rec_loss``); any other missing key is an error.
-    """
-    cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else config
-    raw = OmegaConf.to_container(cfg.model, resolve=True)
-    if is_released_config(raw):
-        raw = translate_released_model_config(raw)
-        print(f"config: the authors' released Table 3 form, evaluated as {raw['target']} with "
-              f"gradient: {raw['params']['gradient']}")
-    model_cfg = OmegaConf.create(raw)
-    params = model_cfg.get("params", None)
-    if params is not None:
-        # Both upstreams would load a checkpoint in __init__ from these keys; we load explicitly below.
-        for key in ("ckpt_path", "path"):
-            if key in params:
-                params.pop(key)
-    model = instantiate(model_cfg)
-    family = model_family(model)
-    info: dict[str, Any] = {"path": None, "sha256": None, "global_step": None, "epoch": None,
-                            "missing_keys": [], "unexpected_keys": []}
-    if checkpoint is not None:
-        ckpt_path = Path(checkpoint)
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"checkpoint {ckpt_path}: no such file")
-        blob = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        sd = blob.get("state_dict", blob) if isinstance(blob, dict) else None
-        if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
-            raise ValueError(f"checkpoint {ckpt_path} holds no state dict (expected a Lightning .ckpt with "
-                             f"'state_dict', or a plain state dict)")
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        bad = [k for k in missing if not k.startswith("loss.")]
-        if bad:
-            raise ValueError(f"checkpoint {ckpt_path} does not fit the model of this config: {len(bad)} model keys "
-                             f"missing, e.g. {bad[:5]}. Pass the config the checkpoint was trained with.")
-        info.update(path=str(ckpt_path.resolve()), sha256=sha256_file(ckpt_path) if hash_checkpoint else None,
-                    global_step=blob.get("global_step") if isinstance(blob, dict) else None,
-                    epoch=blob.get("epoch") if isinstance(blob, dict) else None,
-                    missing_keys=list(missing), unexpected_keys=list(unexpected))
-    model.to(device).eval()
-    return LoadedModel(model=model, config=cfg, family=family, checkpoint=info)
-
-
 def quantizer_info(model: nn.Module) -> dict[str, Any]:
     """Class, estimator ('ste', 'rotation', ..., 'gumbel'), codebook size and dimension of the model's quantizer."""
     q = get_quantizer(model)
@@ -730,7 +614,8 @@ def run_evaluation(config: str | os.PathLike | Sequence[str | os.PathLike], chec
     """
     device = resolve_device(options.device)
     cfg_paths = [config] if isinstance(config, (str, os.PathLike)) else list(config)
-    loaded = load_model(load_config(cfg_paths), checkpoint, device)
+    loaded = load_model(load_config(cfg_paths), checkpoint, device, trust_checkpoint=options.trust_checkpoint,
+                        config_name=" + ".join(map(str, cfg_paths)))
     if callable(dataset) and not isinstance(dataset, Dataset):
         dataset, built_info = dataset(loaded)
         data_info = {**built_info, **dict(data_info or {})}

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", nargs="+", required=True,
                    help="model config YAML(s) the checkpoint was trained with; later ones override earlier ones")
     p.add_argument("--checkpoint", required=True, help="Lightning .ckpt (or a plain state dict)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint holding more than weights and Lightning's data types with "
+                        "weights_only=False: its pickle can run code, so only for files you trust")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data-root", help="ImageNet root holding train/<wnid>/ and val/<wnid>/ (else $IMAGENET_ROOT "
                                          "with --imagenet)")
@@ -94,7 +97,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                          device=args.device, fid=not args.no_fid, inception_weights=args.inception_weights,
                          lpips=not args.no_lpips, lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone,
                          valid_loss=not args.no_valid_loss, ema=args.ema, allow_download=not offline,
-                         progress=not args.no_progress, examples=args.examples)
+                         progress=not args.no_progress, examples=args.examples,
+                         trust_checkpoint=args.trust_checkpoint)
     if args.data_root or args.imagenet:
         source, root = "imagenet", args.data_root
     elif args.offline_photos:
@@ -127,8 +131,8 @@ if __name__ == "__main__":
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:
-        from adapters.errors import MissingWeightsError
-        if not isinstance(err, MissingWeightsError):
+        from adapters.errors import UserError  # its message says what to do: missing weights, untrusted checkpoint
+        if not isinstance(err, UserError):
             raise
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,186 @@
+"""Config + checkpoint -> model, for evaluation: one clear error when they do not belong together.
+
+The config's ``model: {target, params}`` names a latent-diffusion, taming or enhancing-transformers class (ours or
+upstream's); the checkpoint's ``state_dict`` is loaded into it through ``adapters.safe_load`` (no code from the
+file runs unless the caller trusts it). A checkpoint of the other codebase, or of another shape, is refused before
+``load_state_dict`` with one line naming both files, what differs and which config to use (``CheckpointMismatchError``).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from adapters.errors import CheckpointMismatchError, UpstreamMissingError
+from adapters.released import is_released_config, translate_released_model_config
+from adapters.safe_load import load_checkpoint
+from adapters.upstream import UPSTREAM_TREES, upstream_imports
+
+# Which config to evaluate a run with, per codebase (where each upstream main.py keeps a run's config).
+TRAINING_CONFIG_HINT = ("the config the run was trained with (latent-diffusion runs: "
+                        "logs/<run>/configs/*-project.yaml; enhancing-transformers runs: the configs/<name>.yaml "
+                        "given to main.py -c)")
+FAMILY_NAMES = {"taming": "a latent-diffusion/taming VQGAN", "enhancing": "an enhancing-transformers ViT-VQGAN"}
+
+
+def get_obj_from_str(target: str) -> Any:
+    """'package.module.Name' -> the object; one clear error when the package is not importable."""
+    module, _, name = target.rpartition(".")
+    if not module:
+        raise ValueError(f"target {target!r} must be a dotted path 'package.module.Name'")
+    top = module.partition(".")[0]
+    try:
+        if top in UPSTREAM_TREES:
+            with upstream_imports(top):
+                mod = importlib.import_module(module)
+        else:
+            mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if isinstance(exc, UpstreamMissingError):  # already says which tree and what to do
+            raise
+        raise ModuleNotFoundError(f"cannot import {module!r} for target {target!r}: {exc}") from exc
+    if not hasattr(mod, name):
+        raise ValueError(f"target {target!r}: module {module!r} has no attribute {name!r}")
+    return getattr(mod, name)
+
+
+def instantiate(cfg: Mapping[str, Any]) -> Any:
+    """Build ``target(**params)`` as both upstreams do (params stay DictConfigs: enhancing reads ``encoder.dim``)."""
+    if "target" not in cfg:
+        raise ValueError("expected a config node with a `target:` key (and optional `params:`)")
+    params = cfg.get("params", None)
+    return get_obj_from_str(str(cfg["target"]))(**(params if params is not None else {}))
+
+
+def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> DictConfig:
+    """Load and merge one or more YAML configs (later ones override, like upstream main.py's --base)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    configs = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"config {p}: no such file")
+        configs.append(OmegaConf.load(p))
+    cfg = OmegaConf.merge(*configs)
+    if "model" not in cfg or "target" not in cfg.model:
+        raise ValueError(f"config {list(map(str, paths))} has no `model: {{target: ..., params: ...}}` section; "
+                         f"give a latent-diffusion or enhancing-transformers model config")
+    return cfg  # type: ignore[return-value]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_family(model: nn.Module) -> str:
+    """'taming' (latent-diffusion / taming VQModel) or 'enhancing' (enhancing-transformers ViTVQ)."""
+    if hasattr(model, "quantizer") and hasattr(model, "pre_quant"):
+        return "enhancing"
+    if hasattr(model, "quantize") and hasattr(model, "quant_conv"):
+        return "taming"
+    raise ValueError(f"{type(model).__name__} is neither a latent-diffusion/taming VQModel (quantize, quant_conv) nor "
+                     f"an enhancing-transformers ViTVQ (quantizer, pre_quant): cannot evaluate it")
+
+
+def state_dict_family(sd: Mapping[str, Any]) -> Optional[str]:
+    """The codebase a state dict comes from, by its keys ('taming', 'enhancing'), or None when neither shows."""
+    if any(k.startswith(("quantizer.", "pre_quant.")) for k in sd):
+        return "enhancing"
+    if any(k.startswith(("quantize.", "quant_conv.")) for k in sd):
+        return "taming"
+    return None
+
+
+def get_quantizer(model: nn.Module) -> nn.Module:
+    return model.quantizer if model_family(model) == "enhancing" else model.quantize
+
+
+def check_fits(model: nn.Module, sd: Mapping[str, Tensor], checkpoint: str, config: str) -> None:
+    """Raise ``CheckpointMismatchError`` (one line) unless every model key (``loss.*`` may be absent) is in ``sd``
+    with the model's shape."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.startswith("loss.")]
+    shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if not missing and not shapes:
+        return
+    found, built = state_dict_family(sd), model_family(model)
+    what = [f"the checkpoint holds {FAMILY_NAMES[found]} but the config builds {FAMILY_NAMES[built]} "
+            f"({type(model).__module__}.{type(model).__name__})"] if found and found != built else []
+    if shapes:
+        what.append(f"{len(shapes)} shapes differ, e.g. " + ", ".join(
+            f"{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)}" for k in shapes[:3]))
+    if missing:
+        what.append(f"{len(missing)} model keys missing, e.g. {', '.join(missing[:3])}")
+    raise CheckpointMismatchError(f"checkpoint {checkpoint} does not fit the model of this config ({config}): "
+                                  f"{'; '.join(what)}. Evaluate it with {TRAINING_CONFIG_HINT}")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: DictConfig
+    family: str
+    checkpoint: dict[str, Any]
+
+
+def load_model(config: DictConfig | str | os.PathLike, checkpoint: Optional[str | os.PathLike],
+               device: str | torch.device = "cpu", hash_checkpoint: bool = True, trust_checkpoint: bool = False,
+               config_name: Optional[str] = None) -> LoadedModel:
+    """Instantiate ``config.model`` and load a Lightning checkpoint's ``state_dict`` into it.
+
+    Keys under ``loss.`` may be absent (valid loss then uses a freshly built loss module: its LPIPS comes from
+    pretrained weights, its discriminator does not enter ``rec_loss``); any other missing key or differing shape is
+    a ``CheckpointMismatchError``. The checkpoint loads with ``weights_only=True`` plus ``adapters.safe_load``'s
+    allowlist; ``trust_checkpoint`` (evaluate.py ``--trust-checkpoint``) lets a file needing more load unsafely.
+    ``config_name`` names the config in messages when ``config`` is not a path.
+    """
+    if isinstance(config, (str, os.PathLike)):
+        config_name = config_name or str(config)
+        cfg = load_config(config)
+    else:
+        cfg = config
+    raw = OmegaConf.to_container(cfg.model, resolve=True)
+    if is_released_config(raw):
+        raw = translate_released_model_config(raw)
+        print(f"config: the authors' released Table 3 form, evaluated as {raw['target']} with "
+              f"gradient: {raw['params']['gradient']}")
+    model_cfg = OmegaConf.create(raw)
+    params = model_cfg.get("params", None)
+    if params is not None:
+        # Both upstreams would load a checkpoint in __init__ from these keys; we load explicitly below.
+        for key in ("ckpt_path", "path"):
+            if key in params:
+                params.pop(key)
+    model = instantiate(model_cfg)
+    family = model_family(model)
+    info: dict[str, Any] = {"path": None, "sha256": None, "global_step": None, "epoch": None,
+                            "missing_keys": [], "unexpected_keys": []}
+    if checkpoint is not None:
+        ckpt_path = Path(checkpoint)
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"checkpoint {ckpt_path}: no such file")
+        blob = load_checkpoint(ckpt_path, trust=trust_checkpoint,
+                               opt_in="pass --trust-checkpoint (trust_checkpoint=True in Python)")
+        sd = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+        if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
+            raise ValueError(f"checkpoint {ckpt_path} holds no state dict (expected a Lightning .ckpt with "
+                             f"'state_dict', or a plain state dict)")
+        check_fits(model, sd, str(ckpt_path), config_name or "the config given")
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        info.update(path=str(ckpt_path.resolve()), sha256=sha256_file(ckpt_path) if hash_checkpoint else None,
+                    global_step=blob.get("global_step") if isinstance(blob, dict) else None,
+                    epoch=blob.get("epoch") if isinstance(blob, dict) else None,
+                    missing_keys=list(missing), unexpected_keys=list(unexpected))
+    model.to(device).eval()
+    return LoadedModel(model=model, config=cfg, family=family, checkpoint=info)
