@@ -3,7 +3,8 @@
 ``RotationVQModel`` (config ``target: adapters.ldm.RotationVQModel``) takes upstream ``VQModel``'s arguments plus
 
   gradient: ste | rotation | rotation_released | reflection | rotation_unscaled  (see adapters.quantizer)
-  quantizer_config: {beta, legacy, use_norm, search_chunk_size, track_stats}  (optional; upstream's beta 0.25)
+  quantizer_config: {beta, legacy, use_norm, search, search_chunk_size, track_stats}  (optional; upstream's beta 0.25)
+  trust_checkpoint: false | true  (ckpt_path: load with weights_only=False if the file needs it; adapters.safe_load)
 
 and keeps upstream's state-dict keys, so latent-diffusion's and the authors' VQGAN checkpoints load with no missing
 or unexpected keys; ``gradient: ste`` is upstream ``VQModel`` numerically.
@@ -14,7 +15,11 @@ or unexpected keys; ``gradient: ste`` is upstream ``VQModel`` numerically.
 Training uses Lightning 2 manual optimisation and reproduces what Lightning 1.4 did with upstream's two optimizers
 per batch: the autoencoder step (loss with ``optimizer_idx=0``, discriminator frozen), then a fresh forward and the
 discriminator step (``optimizer_idx=1``, autoencoder frozen), both at the same ``global_step``, which counts batches
-as upstream; step-interval lr schedulers step once per batch.
+as upstream; step-interval lr schedulers step once per batch. With ``update_every = N`` (latent-diffusion's
+``main.py`` sets it from ``accumulate_grad_batches``, which Lightning 2 refuses under manual optimisation) the
+gradients of N batches accumulate (each loss / N) and both optimizers, the schedulers and ``global_step`` advance
+once per N batches and at an epoch's last batch, as Lightning 1.4 accumulated. A NaN or infinite loss stops the run
+with ``adapters.errors.NonFiniteLossError`` before it is back-propagated.
 
 Logged besides upstream's keys (``train/`` per batch and as epoch means, ``val/`` as validation means):
 ``{split}/codebook_usage`` (fraction of the codebook a batch uses), ``{split}/perplexity``, ``{split}/quant_error``
@@ -27,18 +32,23 @@ import inspect
 from typing import Any, Optional
 
 import torch
-from ldm.models.autoencoder import VQModel
-from ldm.modules.ema import LitEma
-from ldm.util import instantiate_from_config
 from taming.modules.vqvae.quantize import GumbelQuantize
 from torch import Tensor, nn
 
-from adapters.lightning_compat import (allow_numpy_scalars_in_checkpoints, step_lr_schedulers,
-                                       step_without_counting)
+from adapters.upstream import upstream_imports
+
+with upstream_imports("ldm"):  # a missing third_party/latent-diffusion: one error naming the tree
+    from ldm.models.autoencoder import VQModel
+    from ldm.modules.ema import LitEma
+    from ldm.util import instantiate_from_config
+from adapters.lightning_compat import AccumulatedUpdate, allow_numpy_scalars_in_checkpoints
 from adapters.codebook_logging import CodebookLoggingMixin
 from adapters.quantizer import GRADIENTS, CodebookStats, RotationVectorQuantizer
 
-QUANTIZER_OPTIONS = ("beta", "legacy", "use_norm", "search_chunk_size", "search_max_bytes", "track_stats")
+QUANTIZER_OPTIONS = ("beta", "legacy", "use_norm", "search", "search_chunk_size", "search_max_bytes", "track_stats")
+# What a diverged run's error (NonFiniteLossError) tells the user to change, in latent-diffusion main.py's terms.
+LR_OPTION = "model.base_learning_rate"
+RESUME_OPTION = "-r logs/<run>, or -r with one of its checkpoints/*.ckpt"
 
 
 def _accepts(fn: Any, name: str) -> bool:
@@ -58,7 +68,8 @@ class RotationVQModel(CodebookLoggingMixin, VQModel):
 
     def __init__(self, ddconfig: dict, lossconfig: dict, n_embed: int, embed_dim: int, *args: Any,
                  gradient: str = "rotation", quantizer_config: Optional[dict] = None,
-                 ckpt_path: Optional[str] = None, ignore_keys: Optional[list] = None, **kwargs: Any) -> None:
+                 ckpt_path: Optional[str] = None, ignore_keys: Optional[list] = None, trust_checkpoint: bool = False,
+                 **kwargs: Any) -> None:
         if gradient not in GRADIENTS:
             raise ValueError(f"unknown gradient {gradient!r} in model.params.gradient; choose one of {GRADIENTS}")
         qcfg = dict(quantizer_config or {})
@@ -71,7 +82,7 @@ class RotationVQModel(CodebookLoggingMixin, VQModel):
         if unknown:
             hint = " (the authors' rot_trick: true is gradient: rotation_released)" if "rot_trick" in unknown else ""
             raise ValueError(f"unknown option(s) {unknown} in model.params of {type(self).__name__}{hint}; known: "
-                             f"gradient, quantizer_config, {', '.join(sorted(upstream_options))}")
+                             f"gradient, quantizer_config, trust_checkpoint, {', '.join(sorted(upstream_options))}")
         # The checkpoint is loaded after the quantizer swap (upstream loads it inside its __init__).
         super().__init__(ddconfig, lossconfig, n_embed, embed_dim, *args, **kwargs)
         allow_numpy_scalars_in_checkpoints()  # upstream's lr schedules store numpy floats; -r must read them
@@ -86,9 +97,28 @@ class RotationVQModel(CodebookLoggingMixin, VQModel):
                                              kwargs.get("remap"), kwargs.get("sane_index_shape", False))
         if self.use_ema:  # shadow the new quantizer's parameters
             self.model_ema = LitEma(self)
+        self.trust_checkpoint = bool(trust_checkpoint)  # a plain attribute: not in the state dict
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=list(ignore_keys or []))
         self.automatic_optimization = False
+        self.update_every = 1  # main.py sets it from accumulate_grad_batches; gradients accumulate over N batches
+
+    def init_from_ckpt(self, path: str, ignore_keys: tuple | list = ()) -> None:
+        """Upstream's ``init_from_ckpt`` (``ckpt_path:``), loading through ``adapters.safe_load``: a checkpoint that
+        needs more than weights and Lightning's data types is refused unless ``trust_checkpoint: true``."""
+        from adapters.safe_load import load_checkpoint
+
+        sd = load_checkpoint(path, trust=getattr(self, "trust_checkpoint", False),
+                             opt_in="set model.params.trust_checkpoint: true")["state_dict"]
+        for k in list(sd.keys()):
+            if any(k.startswith(ik) for ik in ignore_keys):
+                print(f"Deleting key {k} from state_dict.")
+                del sd[k]
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        print(f"Restored from {path} with {len(missing)} missing and {len(unexpected)} unexpected keys")
+        if len(missing) > 0:
+            print(f"Missing Keys: {missing}")
+            print(f"Unexpected Keys: {unexpected}")
 
     # --- quantizer and its statistics ---------------------------------------------------------------------------
     def build_quantizer(self, upstream: nn.Module, n_embed: int, embed_dim: int, ddconfig: dict, gradient: str,
@@ -107,7 +137,8 @@ class RotationVQModel(CodebookLoggingMixin, VQModel):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         opt_ae, opt_disc = self.optimizers()
-        step = self.global_step  # both losses see the same step, as under Lightning 1.4
+        update = AccumulatedUpdate(self, batch_idx, LR_OPTION, RESUME_OPTION)  # steps every update_every batches
+        step = update.step  # both losses see the same step, as under Lightning 1.4
         self.before_train_step()
         x = self.get_input(batch, self.image_key)
 
@@ -116,9 +147,7 @@ class RotationVQModel(CodebookLoggingMixin, VQModel):
         xrec, qloss, ind = self(x, return_pred_indices=True)
         aeloss, log_dict_ae = self.loss(qloss, x, xrec, 0, step, last_layer=self.get_last_layer(), split="train",
                                         predicted_indices=ind)
-        opt_ae.zero_grad()
-        self.manual_backward(aeloss)
-        opt_ae.step()
+        update.backward(opt_ae, aeloss, "train/total_loss", counted=True)  # one global step per update
         self.untoggle_optimizer(opt_ae)
         self.log_dict(log_dict_ae, prog_bar=False, logger=True, on_step=True, on_epoch=True)
         self.log_codebook_batch("train", skip=log_dict_ae)  # taming's loss may log perplexity itself
@@ -129,13 +158,11 @@ class RotationVQModel(CodebookLoggingMixin, VQModel):
             xrec, qloss, ind = self(x, return_pred_indices=True)
         discloss, log_dict_disc = self.loss(qloss, x, xrec, 1, step, last_layer=self.get_last_layer(),
                                             split="train")
-        opt_disc.zero_grad()
-        self.manual_backward(discloss)
-        step_without_counting(self, opt_disc)  # one global step per batch, as Lightning 1.4 counted
+        update.backward(opt_disc, discloss, "train/disc_loss", counted=False)  # Lightning 1.4 counted only one
         self.untoggle_optimizer(opt_disc)
         self.log_dict(log_dict_disc, prog_bar=False, logger=True, on_step=True, on_epoch=True)
 
-        step_lr_schedulers(self)
+        update.finish()
         return aeloss.detach()
 
     def log_images(self, batch: dict, *args: Any, **kwargs: Any) -> dict[str, Tensor]:

@@ -29,7 +29,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 LAST = "last.ckpt"
 CRASH = "crash.ckpt"
@@ -106,7 +106,7 @@ class RunGuard(pl.Callback):
         self._started = True
         self._saved_step = trainer.global_step
         every = f", every {self.every_n_train_steps} steps" if self.every_n_train_steps else ""
-        rank_zero_info(f"RunGuard: training from step {trainer.global_step}; last.ckpt in {self.dirpath}{every}")
+        _say(f"RunGuard: training from step {trainer.global_step}; last.ckpt in {self.dirpath}{every}")
         # Lightning registered its own handlers already; under SLURM auto-requeue it owns SIGUSR1 (save + requeue).
         if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None) and \
                 threading.current_thread() is threading.main_thread():
@@ -130,20 +130,20 @@ class RunGuard(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not self._started:
-            rank_zero_info(f"RunGuard: training had not started ({type(exception).__name__}); no checkpoint "
+            _say(f"RunGuard: training had not started ({type(exception).__name__}); no checkpoint "
                            "written, the existing ones are untouched")
             return
         if trainer.global_step == self._saved_step:
             return  # nothing new since the last save (or the restored checkpoint)
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             self.save(trainer, LAST)
-            rank_zero_info(f"RunGuard: stopped at step {trainer.global_step} ({type(exception).__name__}); "
+            _say(f"RunGuard: stopped at step {trainer.global_step} ({type(exception).__name__}); "
                            f"resume from {os.path.join(self.dirpath, LAST)}")
         elif getattr(exception, "one_line", False):
             return  # the project's own errors (a diverged loss, bad input): the model is not worth keeping
         elif trainer.world_size == 1:  # under several processes the others may be stuck in a collective
             self.save(trainer, CRASH)
-            rank_zero_info(f"RunGuard: {type(exception).__name__} at step {trainer.global_step}; state saved to "
+            _say(f"RunGuard: {type(exception).__name__} at step {trainer.global_step}; state saved to "
                            f"{os.path.join(self.dirpath, CRASH)} (last.ckpt left as it was)")
 
     # --- saving -------------------------------------------------------------------------------------------------
@@ -151,3 +151,9 @@ class RunGuard(pl.Callback):
         """Save the whole training state (collective under DDP: every rank calls it) through the atomic IO."""
         trainer.save_checkpoint(os.path.join(self.dirpath, filename))
         self._saved_step = trainer.global_step
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    """One line on stdout from rank 0 (printed, not logged: it must show however quiet Lightning's logging is)."""
+    print(message, flush=True)

@@ -3,6 +3,7 @@
 ``RotationViTVQ`` (config ``target: adapters.vitvqgan.RotationViTVQ``) takes upstream ``ViTVQ``'s arguments plus
 
   gradient: ste | rotation | rotation_released | reflection | rotation_unscaled   (see ``adapters.quantizer``)
+  trust_checkpoint: false | true   (``path:`` loads with weights_only=False if the file needs it; adapters.safe_load)
 
 and replaces upstream's ``VectorQuantizer`` by ``NormRotationQuantizer`` (l2-normalised lookup, same codebook,
 same loss, same state-dict keys). ``gradient: ste`` is upstream ``ViTVQ`` numerically; ``rotation_released`` is the
@@ -13,7 +14,8 @@ Training is Lightning 2 manual optimisation reproducing what Lightning 1.5 did w
 batch, the autoencoder update (loss with ``optimizer_idx=0``, discriminator frozen), then a fresh forward pass and
 the discriminator update (``optimizer_idx=1``, autoencoder frozen); both losses see the same step, which counts
 batches (optimizer steps with ``update_every`` > 1) as upstream did. Optimizers (AdamW, betas (0.9, 0.99), weight
-decay 1e-4) and schedulers are upstream's ``configure_optimizers``.
+decay 1e-4) and schedulers are upstream's ``configure_optimizers``. A NaN or infinite loss stops the run with
+``adapters.errors.NonFiniteLossError`` before it is back-propagated.
 
 Logged besides upstream's keys: ``{split}/codebook_usage`` (fraction of the codebook used by a batch; its epoch mean
 is the paper's per-batch usage), ``{split}/quant_error`` (mean ||e - q||^2 between normalised vectors),
@@ -36,23 +38,29 @@ from typing import Any, Iterator, Optional, Sequence, Union
 from unittest import mock
 
 import torch
-from enhancing.losses import vqperceptual
-from enhancing.modules.stage1.vitvqgan import ViTVQ
-from enhancing.utils.general import initialize_from_config
 from omegaconf import OmegaConf
 from torch import Tensor, nn
+
+from adapters.upstream import upstream_imports
+
+with upstream_imports("enhancing"):  # a missing third_party/enhancing-transformers: one error naming the tree
+    from enhancing.losses import vqperceptual
+    from enhancing.modules.stage1.vitvqgan import ViTVQ
+    from enhancing.utils.general import initialize_from_config
 from torchvision import transforms as T
 
 from adapters.data import ImageNetFolder
 from adapters.losses import MissingWeightsError
-from adapters.lightning_compat import (allow_numpy_scalars_in_checkpoints, step_lr_schedulers,
-                                       step_without_counting)
+from adapters.lightning_compat import AccumulatedUpdate, allow_numpy_scalars_in_checkpoints
 from adapters.codebook_logging import CodebookLoggingMixin
 from adapters.quantizer import GRADIENTS, NormRotationQuantizer
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, which lpips.LPIPS(net="vgg") loads
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 OFFLINE_ENV = "ROTATION_TRICK_OFFLINE"  # set to 1: fail at once instead of trying to download the weights
+# What a diverged run's error (NonFiniteLossError) tells the user to change, in enhancing main.py's terms.
+LR_OPTION = "-lr"
+RESUME_OPTION = "-r experiments/<config>/<run>/ckpt/<checkpoint>.ckpt"
 
 
 # --- loss -----------------------------------------------------------------------------------------------------------
@@ -182,7 +190,7 @@ class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
 
     def __init__(self, image_key: str, image_size: int, patch_size: int, encoder: Any, decoder: Any,
                  quantizer: Any, loss: Any, path: Optional[str] = None, ignore_keys: Sequence[str] = (),
-                 scheduler: Optional[Any] = None, gradient: str = "rotation") -> None:
+                 scheduler: Optional[Any] = None, gradient: str = "rotation", trust_checkpoint: bool = False) -> None:
         if gradient not in GRADIENTS:
             raise ValueError(f"unknown gradient {gradient!r} in model.params.gradient; choose one of "
                              f"{', '.join(GRADIENTS)}")
@@ -201,6 +209,7 @@ class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
         self.gradient = gradient
         self.automatic_optimization = False
         self.update_every = 1  # main.py sets it from -u; gradients are accumulated over this many batches
+        self.trust_checkpoint = bool(trust_checkpoint)  # a plain attribute: not in the state dict
         if path is not None:
             self.init_from_ckpt(path, list(ignore_keys))
 
@@ -209,10 +218,13 @@ class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
         """Load a (Lightning) checkpoint's state_dict, dropping keys that start with ``ignore_keys``.
 
         Upstream loads with ``strict=False`` silently; this prints what did not match and returns
-        (missing, unexpected). Lightning 1.x checkpoints hold more than tensors, hence ``weights_only=False``:
-        load only checkpoints you trust.
+        (missing, unexpected). The file loads through ``adapters.safe_load``: a checkpoint needing more than weights
+        and Lightning's data types is refused unless ``trust_checkpoint: true``.
         """
-        sd = torch.load(path, map_location="cpu", weights_only=False)
+        from adapters.safe_load import load_checkpoint
+
+        sd = load_checkpoint(path, trust=getattr(self, "trust_checkpoint", False),
+                             opt_in="set model.params.trust_checkpoint: true")
         sd = sd.get("state_dict", sd)
         sd = {k: v for k, v in sd.items() if not any(k.startswith(ik) for ik in ignore_keys)}
         missing, unexpected = self.load_state_dict(sd, strict=False)
@@ -221,20 +233,11 @@ class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
         return list(missing), list(unexpected)
 
     # --- training -------------------------------------------------------------------------------------------------
-    def _optimizer_step(self, optimizer: Any, counted: bool) -> None:
-        # One global step per (accumulated) update, as Lightning 1.5 counted: the second optimizer does not count.
-        if counted:
-            optimizer.step()
-        else:
-            step_without_counting(self, optimizer)
-        optimizer.zero_grad()
-
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        accumulate = max(1, int(self.update_every))
-        step_now = (batch_idx + 1) % accumulate == 0 or bool(self.trainer.is_last_batch)
-        step = self.global_step  # one value for both losses, as under Lightning 1.5
+        update = AccumulatedUpdate(self, batch_idx, LR_OPTION, RESUME_OPTION)  # steps every update_every batches
+        step = update.step  # one value for both losses, as under Lightning 1.5
         x = self.get_input(batch, self.image_key)
         last_layer = self.decoder.get_last_layer()
 
@@ -243,9 +246,7 @@ class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
         self.toggle_optimizer(opt_ae)
         xrec, qloss = self(x)
         aeloss, log_dict_ae = self.loss(qloss, x, xrec, 0, step, batch_idx, last_layer=last_layer, split="train")
-        self.manual_backward(aeloss / accumulate)
-        if step_now:
-            self._optimizer_step(opt_ae, counted=True)
+        update.backward(opt_ae, aeloss, "train/total_loss", counted=True)  # one global step per update
         self.untoggle_optimizer(opt_ae)
         self.log("train/total_loss", aeloss, prog_bar=True, logger=True, on_step=True, on_epoch=True)
         del log_dict_ae["train/total_loss"]
@@ -260,16 +261,13 @@ class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
                 xrec, qloss = self(x)
             discloss, log_dict_disc = self.loss(qloss, x, xrec, 1, step, batch_idx, last_layer=last_layer,
                                                 split="train")
-            self.manual_backward(discloss / accumulate)
-            if step_now:
-                self._optimizer_step(opt_disc, counted=False)
+            update.backward(opt_disc, discloss, "train/disc_loss", counted=False)  # Lightning 1.5 counted one
             self.untoggle_optimizer(opt_disc)
             self.log("train/disc_loss", discloss, prog_bar=True, logger=True, on_step=True, on_epoch=True)
             del log_dict_disc["train/disc_loss"]
             self.log_dict(log_dict_disc, prog_bar=False, logger=True, on_step=True, on_epoch=True)
 
-        if step_now:
-            step_lr_schedulers(self)
+        update.finish()
         return aeloss.detach()
 
     # --- validation -----------------------------------------------------------------------------------------------
