@@ -6,13 +6,13 @@ The quantizer keeps the numbers (``adapters.quantizer.CodebookStats`` in ``quant
 - ``train/codebook_usage``, ``train/quant_error``, ``train/perplexity``, ... per batch (the paper's per-batch usage);
 - ``train/..._total`` over the training epoch and ``val/..._total`` over a validation run, summed over ranks;
 - forwards that repeat a batch (discriminator pass, EMA pass, image logging) are not counted twice;
-- a codebook-usage picture beside upstream's logged images.
+- a codebook-usage figure (code grid with a colour scale, usage curve, title) beside upstream's logged images.
 """
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -31,6 +31,66 @@ def usage_picture(counts: Tensor) -> Tensor:
     grid = torch.zeros(h * w)
     grid[:k] = values
     return grid.view(1, 1, h, w).expand(1, 3, h, w).contiguous()
+
+
+def usage_figure(counts: Tensor, title: str = "Codebook usage", counted_over: str = "") -> Tensor:
+    """Codebook usage as a figure that explains itself. counts: (K,) code counts -> (1, 3, H, W) in [0, 1].
+
+    Left: one cell per code (code index = row x width + column, as :func:`usage_picture`), coloured by how often it
+    was chosen on a log colour scale, never-used codes grey. Right: the counts sorted from most to least used,
+    the usage curve. The title gives codes used of K and the perplexity of the code distribution.
+    """
+    import matplotlib
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # off screen: no display, no pyplot state
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    c = counts.detach().double().cpu()
+    k = c.numel()
+    h = 2 ** (int(math.log2(max(k, 1))) // 2)
+    w = math.ceil(k / h)
+    grid = torch.full((h * w,), float("nan"), dtype=torch.float64)
+    grid[:k] = torch.where(c > 0, c, torch.full_like(c, float("nan")))  # NaN: never used, drawn grey
+    used = int((c > 0).sum())
+    total = float(c.sum())
+    p = c / max(total, 1.0)
+    perplexity = math.exp(-float((p[p > 0] * p[p > 0].log()).sum())) if total > 0 else 0.0
+
+    fig = Figure(figsize=(9.6, 3.6), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.25, 1]})
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.82")
+    vmax = max(float(c.max()), 2.0)
+    im = left.imshow(grid.view(h, w).numpy(), cmap=cmap, norm=LogNorm(vmin=1, vmax=vmax), interpolation="nearest",
+                     aspect="auto" if w / h > 2.5 else "equal")
+    left.set_title(f"one cell per code (index = row x {w} + column); grey: never used", fontsize=8)
+    left.set_xlabel("column", fontsize=8)
+    left.set_ylabel("row", fontsize=8)
+    left.tick_params(labelsize=7)
+    bar = fig.colorbar(im, ax=left, fraction=0.05, pad=0.02)
+    bar.set_label("times chosen (log scale)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    ranked = torch.sort(c, descending=True).values.numpy()
+    right.plot(range(1, k + 1), ranked, drawstyle="steps-post", color="tab:blue")
+    right.set_yscale("symlog", linthresh=1)
+    right.set_xlim(1, k)
+    right.set_ylim(bottom=0)
+    right.axvline(max(used, 1), color="tab:red", linestyle="--", linewidth=1)
+    right.text(max(used, 1), vmax, f" {used} used", color="tab:red", fontsize=8, va="top")
+    right.set_title("usage curve: codes sorted by use", fontsize=8)
+    right.set_xlabel("code rank (1 = most used)", fontsize=8)
+    right.set_ylabel("times chosen", fontsize=8)
+    right.tick_params(labelsize=7)
+    right.grid(True, alpha=0.3)
+    head = f"{title}: {used} of {k} codes used ({100.0 * used / max(k, 1):.1f}%), perplexity {perplexity:.1f}"
+    if counted_over:
+        head += f"\n{int(total)} vectors counted over {counted_over}"
+    fig.suptitle(head, fontsize=9)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.14, top=0.80, wspace=0.28)  # fixed: also for empty counts
+    canvas.draw()
+    rgba = torch.from_numpy(np.asarray(canvas.buffer_rgba()).copy())
+    return (rgba[..., :3].permute(2, 0, 1).float() / 255.0).unsqueeze(0)
 
 
 @contextmanager
@@ -91,6 +151,26 @@ class CodebookLoggingMixin:
         self.log_dict(self._stats_log(stats, split, "_total"), logger=True, on_step=False, on_epoch=True,
                       rank_zero_only=True)
 
+    def log(self, name: str, value: Any, *args: Any, batch_size: Optional[int] = None, **kwargs: Any) -> None:
+        """Lightning's ``log`` (``log_dict`` calls it too, upstream's steps included), with the batch size of the
+        current batch unless one is given: Lightning guessed it from dict batches and warned on every run."""
+        if batch_size is None:
+            batch_size = getattr(self, "_current_batch_size", None)
+        super().log(name, value, *args, batch_size=batch_size, **kwargs)  # type: ignore[misc]
+
+    def _note_batch_size(self, batch: Any) -> None:
+        """Images in ``batch``: the leading dimension of its first tensor (a (B, ...) tensor, or the image entry of
+        a dict batch, which also holds labels and file names)."""
+        values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
+        self._current_batch_size = next((int(v.shape[0]) for v in values if isinstance(v, Tensor) and v.dim() > 0),
+                                        None)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._note_batch_size(batch)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._note_batch_size(batch)
+
     def on_train_epoch_start(self) -> None:
         self.code_stats.reset()
 
@@ -110,10 +190,12 @@ class CodebookLoggingMixin:
             self._train_code_stats = None
 
     def with_usage_picture(self, log: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Add ``codebook_usage`` (the histogram counted so far in this split) to an image-log dict."""
+        """Add ``codebook_usage`` (:func:`usage_figure` of the histogram counted so far in this split) to an
+        image-log dict."""
         lo, hi = self.usage_picture_range
-        pic = usage_picture(self.code_stats.code_counts)
-        scale = max(1, 256 // pic.shape[-1])  # small codebooks: blocks of pixels, so the picture can be seen
-        pic = torch.nn.functional.interpolate(pic, scale_factor=scale, mode="nearest") if scale > 1 else pic
+        in_validation = getattr(self, "_train_code_stats", None) is not None  # set while a validation run counts
+        split, over = ("val", "this validation run so far") if in_validation else ("train", "this training epoch so far")
+        step = int(getattr(self, "global_step", 0))
+        pic = usage_figure(self.code_stats.code_counts, f"Codebook usage, {split}, step {step}", over)
         log["codebook_usage"] = (pic * (hi - lo) + lo).to(self.device)
         return log

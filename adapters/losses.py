@@ -45,8 +45,8 @@ def missing_weights_message(missing: list[str]) -> str:
     return ("the perceptual (LPIPS) loss needs weights that are missing here and could not be downloaded:\n  "
             + "\n  ".join(lines)
             + "\nCopy them from a machine with network access (set TORCH_HOME to move the first; run from the "
-              "folder holding taming/modules/autoencoder/lpips/ for the second), or set "
-              "lossconfig.params.perceptual_weight: 0 to train without LPIPS.")
+              "folder holding taming/modules/autoencoder/lpips/ for the second), or "
+              "add model.params.lossconfig.params.perceptual_weight=0 to the command to train without LPIPS.")
 
 
 class _NoPerceptualLoss(nn.Module):
@@ -69,6 +69,8 @@ class VQLPIPSWithDiscriminator(vqperceptual.VQLPIPSWithDiscriminator):
         if perceptual_weight == 0:
             with _lpips_class(_NoPerceptualLoss):
                 super().__init__(disc_start, perceptual_weight=perceptual_weight, **kwargs)
+            # taming calls LPIPS().eval(); the weightless stand-in needs no eval mode, and Lightning warned about it
+            self.perceptual_loss.train()
             return
         missing = [name for name, path in lpips_weight_paths().items() if not path.is_file()]
         if missing and os.environ.get(OFFLINE_ENV, "") not in ("", "0"):

@@ -4,12 +4,13 @@
 Examples (see docs/evaluation.md):
 
   # ImageNet validation, one GPU
-  python scripts/evaluate.py --config configs/rot_vqgan_64x64x3.yaml --checkpoint logs/run/checkpoints/last.ckpt \\
-      --data-root /data/ILSVRC2012 --split val --batch-size 16 --out results/rot_vqgan_64x64x3.json
+  python scripts/evaluate.py --config configs/rot_vqgan_64.yaml --checkpoint logs/<run>/checkpoints/last.ckpt \\
+      --data-root /data/ILSVRC2012 --split val --batch-size 16 --out results/rot_vqgan_64.json
   # several GPUs: each evaluates a shard, statistics are summed
   torchrun --nproc_per_node 4 scripts/evaluate.py ...same arguments...
   # offline smoke test on CPU (scikit-image's photographs; no Inception/LPIPS weights needed)
-  python scripts/evaluate.py --config ... --checkpoint ... --offline-photos --limit 32 --no-fid --no-lpips --out r.json
+  python scripts/evaluate.py --config configs/tiny_rot_vqgan.yaml --checkpoint logs/<run>/checkpoints/last.ckpt \\
+      --offline-photos --limit 64 --batch-size 4 --num-workers 0 --no-fid --no-lpips --offline --out results/tiny.json
 
 The model comes from the config's ``model: {target, params}`` (latent-diffusion, taming or enhancing-transformers
 classes, ours or upstream's) and the checkpoint's ``state_dict``.
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16,
                    help="evaluation batch per device; also the batch of the per-batch codebook usage (paper: 16 for "
                         "Table 3, 32 for Table 4)")
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=int, default=4,
+                   help="data-loader processes (default 4, for ImageNet JPEGs on a GPU machine); 0 on a small CPU "
+                        "machine or for the offline photographs, which need no decoding workers")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--out", required=True, help="output JSON path (an examples PNG is written beside it)")
     p.add_argument("--inception-weights", default=None,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Tables 3 and 4 of the rotation-trick paper beside our evaluation records, plus plots.
 
-  python scripts/make_tables.py results/ --out docs/report [--logs logs/] [--title "..."]
+  python scripts/make_tables.py results/ --out report/ [--no-plots] [--command "..."] [--overwrite]
 
 Inputs: evaluation JSONs written by scripts/evaluate.py (files or folders). Each record names its paper row
 (``row``: table 3/4, approach ste/gumbel/rotation, latent setting); rows of ours whose setting the paper does not
@@ -14,11 +14,18 @@ Outputs in --out:
   codebook_usage_table{3,4}.png                    sorted code counts per model (evaluation set)
   training_table{3,4}.png                          codebook usage and quantization error against step, from the
                                                    training logs next to each checkpoint (Lightning CSV/TensorBoard)
+  make_tables.json                                 which records the report was made from (checked on the next run)
+
+A folder that already holds a report not made from these records (a committed one under docs/report/) is refused:
+pass --overwrite to replace it (its old tables and plots are removed first, so no old file is left beside the new
+ones).
+Files make_tables does not write (README.md, results/) are never touched.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import math
@@ -429,12 +436,44 @@ def render_report(records: Sequence[Mapping[str, Any]], tables_md: Sequence[str]
 # ---------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------
+MANIFEST = "make_tables.json"
+# every file make_tables may write: what --overwrite removes, and what marks a folder as holding a report
+OUTPUT_FILES = tuple(f"{stem}{table}.{ext}" for table in (3, 4) for stem, ext in
+                     (("table", "md"), ("table", "csv"), ("codebook_usage_table", "png"), ("training_table", "png"))
+                     ) + ("direction.md", "direction.json", "report.md", MANIFEST)
+
+
+def record_digests(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """sha256 of each record file, sorted: what identifies the records a report was made from."""
+    return sorted(hashlib.sha256(Path(r["_path"]).read_bytes()).hexdigest() for r in records)
+
+
+def prepare_out(out: Path, digests: list[str], overwrite: bool) -> None:
+    """Make ``out`` ready for a report of the records with ``digests``: refuse (one line) a folder holding a report
+    of other records unless ``overwrite``; remove the old report's files when replacing it."""
+    present = [name for name in OUTPUT_FILES if (out / name).is_file()]
+    if not present:
+        return
+    try:
+        same = json.loads((out / MANIFEST).read_text()).get("records") == digests
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if not same and not overwrite:
+        raise SystemExit(f"make_tables: {out} already holds a report ({', '.join(present[:3])}"
+                         f"{', ...' if len(present) > 3 else ''}) not made from these records; write to a new --out "
+                         "folder, or add --overwrite to replace that report")
+    for name in present:  # the new report may have fewer tables or plots: leave none of the old ones behind
+        (out / name).unlink()
+
+
 def make_tables(inputs: Sequence[str | Path], out: str | Path, plots: bool = True,
-                command: Optional[str] = None) -> dict[str, Any]:
+                command: Optional[str] = None, overwrite: bool = False) -> dict[str, Any]:
     """Write tables, direction summary and plots; returns what was written and the direction items."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     records = load_records(inputs)
+    digests = record_digests(records)
+    prepare_out(out, digests, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     logs: dict[str, dict[str, list]] = {}
     for r in records:
         d = find_log_dir(r)
@@ -466,6 +505,8 @@ def make_tables(inputs: Sequence[str | Path], out: str | Path, plots: bool = Tru
     written.append("report.md")
     (out / "direction.json").write_text(json.dumps(directions, indent=1) + "\n")
     written += ["direction.md", "direction.json"]
+    (out / MANIFEST).write_text(json.dumps({"records": digests, "paths": sorted(r["_path"] for r in records),
+                                            "written": written}, indent=1) + "\n")
     return {"written": written, "directions": directions, "records": len(records), "logs": sorted(
         r.get("_log_dir", "") for r in records if r.get("_log_dir")), "markdown": "\n".join(md_all)}
 
@@ -477,10 +518,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--command", default=None, help="the command that produced the records, quoted in report.md")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a report of other records in --out (its tables and plots are removed first)")
     args = p.parse_args(argv)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    res = make_tables(args.inputs, args.out, plots=not args.no_plots, command=args.command)
+    res = make_tables(args.inputs, args.out, plots=not args.no_plots, command=args.command, overwrite=args.overwrite)
     print(f"make_tables: {res['records']} records -> {args.out}: {', '.join(res['written'])}")
     return res
 

@@ -146,7 +146,8 @@ while read -r key path; do
   elif ! fetch_tree "$name" "$path" "$url" "$pin"; then
     echo "setup_submodules.sh: $path is missing and could not be fetched from $url (commit ${pin:-unknown})." \
          "Check the network, set $env_var to a reachable mirror, or put the upstream tree at commit" \
-         "${pin:-<pinned>} into $path and run this script again." >&2
+         "${pin:-<pinned>} into $path and run this script again with --no-fetch (never touches the network)." \
+         "Behind a firewall without the trees: --allow-missing installs the project anyway (tests needing a tree skip)." >&2
     status=1
     continue
   fi

@@ -34,4 +34,4 @@ def test_missing_lpips_weights_name_the_files(tmp_path: Path, monkeypatch: pytes
     text = str(err.value)
     assert "vgg16-397923af.pth" in text and str(tmp_path / "torch_home" / "hub" / "checkpoints") in text
     assert "vgg.pth" in text and str(tmp_path / "taming" / "modules" / "autoencoder" / "lpips") in text
-    assert "perceptual_weight: 0" in text
+    assert "model.params.lossconfig.params.perceptual_weight=0" in text  # the override that works on main.py

@@ -162,6 +162,7 @@ def test_unreachable_url_override_is_one_clear_message(tmp_path: Path) -> None:
     res = run_setup(proj, "--no-install", LATENT_DIFFUSION_URL=str(nowhere))
     assert res.returncode == 1
     assert f"could not be fetched from {nowhere} (commit {LDM_PIN})" in res.stderr
+    assert "--no-fetch" in res.stderr and "--allow-missing" in res.stderr  # what a user behind a firewall needs
 
 
 def test_unknown_option() -> None:
