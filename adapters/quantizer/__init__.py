@@ -2,10 +2,12 @@
 from .functional import (GRADIENTS, check_gradient, nearest_code, reflect, rotate, rotation_trick,
                          straight_through)
 from .modules import NormRotationQuantizer, RotationVectorQuantizer
+from .search import SEARCHES, check_search, find_nearest, fused_compile_count, fused_nearest_code
 from .stats import CodebookStats, codebook_log_dict, perplexity_from_counts
 
 __all__ = [
-    "GRADIENTS", "check_gradient", "nearest_code", "reflect", "rotate", "rotation_trick", "straight_through",
+    "GRADIENTS", "check_gradient", "nearest_code", "SEARCHES", "check_search", "find_nearest", "fused_compile_count",
+    "fused_nearest_code", "reflect", "rotate", "rotation_trick", "straight_through",
     "RotationVectorQuantizer", "NormRotationQuantizer", "CodebookStats", "codebook_log_dict",
     "perplexity_from_counts",
 ]

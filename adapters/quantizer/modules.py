@@ -15,7 +15,8 @@ from einops import rearrange
 from taming.modules.vqvae.quantize import VectorQuantizer2
 from torch import Tensor
 
-from .functional import check_gradient, nearest_code, rotation_trick
+from .functional import check_gradient, rotation_trick
+from .search import check_search, find_nearest
 from .stats import CodebookStats
 
 
@@ -25,18 +26,22 @@ class RotationVectorQuantizer(VectorQuantizer2):
     Extra arguments:
       gradient: one of ``functional.GRADIENTS``; default ``rotation`` (the paper's formula).
       use_norm: look codes up between l2-normalised vectors and output the normalised codeword (ViT-VQGAN).
-      search_chunk_size: rows per block of the nearest-code search (default: blocks of at most
-        ``search_max_bytes``), bounding its memory; indices equal the full distance matrix's.
+      search: nearest-code search, ``auto`` (default: ``fused`` where torch.compile can build it, else ``blocked``),
+        ``fused`` (one compiled kernel, no N x K matrix) or ``blocked`` (taming's expression by row blocks); see
+        ``search.py`` for how their indices can differ (near-ties only).
+      search_chunk_size: rows per block of the blocked search (default: blocks of at most ``search_max_bytes``),
+        bounding its memory; indices equal the full distance matrix's.
       track_stats: keep codebook statistics (``last_stats``, ``epoch_stats()``); they never enter the state dict.
     """
 
     def __init__(self, n_e: int, e_dim: int, beta: float = 0.25, remap: Optional[str] = None,
                  unknown_index: Any = "random", sane_index_shape: bool = False, legacy: bool = True,
                  gradient: str = "rotation", use_norm: bool = False, search_chunk_size: Optional[int] = None,
-                 search_max_bytes: int = 64 * 2**20, track_stats: bool = True) -> None:
+                 search_max_bytes: int = 64 * 2**20, track_stats: bool = True, search: str = "auto") -> None:
         super().__init__(n_e, e_dim, beta, remap=remap, unknown_index=unknown_index,
                          sane_index_shape=sane_index_shape, legacy=legacy)
         self.gradient = check_gradient(gradient)
+        self.search = check_search(search)
         self.use_norm = bool(use_norm)
         if search_chunk_size is not None and search_chunk_size <= 0:
             raise ValueError(f"search_chunk_size must be a positive number of rows or None, got {search_chunk_size}")
@@ -72,8 +77,8 @@ class RotationVectorQuantizer(VectorQuantizer2):
         """Quantize rows. z: (N, d). Returns (output (N, d), codebook loss (0-d), indices (N,))."""
         with torch.autocast(device_type=z.device.type, enabled=False):
             # The search runs in fp32 even under autocast: fp16 distances mis-rank close codes.
-            idx = nearest_code(self.norm(z.detach().float()), self.norm(self.embedding.weight.float()),
-                               chunk_rows=self.search_chunk_size, max_bytes=self.search_max_bytes)
+            idx = find_nearest(self.norm(z.detach().float()), self.norm(self.embedding.weight.float()),
+                               self.search, chunk_rows=self.search_chunk_size, max_bytes=self.search_max_bytes)
         z_q = self.norm(self.embedding(idx))
         z_l = self.norm(z)
         if not self.legacy:
@@ -125,12 +130,14 @@ class NormRotationQuantizer(RotationVectorQuantizer):
 
     def __init__(self, embed_dim: int, n_embed: int, beta: float = 0.25, use_norm: bool = True,
                  use_residual: bool = False, num_quantizers: Optional[int] = None, gradient: str = "rotation",
-                 search_chunk_size: Optional[int] = None, track_stats: bool = True, **kwargs: Any) -> None:
+                 search_chunk_size: Optional[int] = None, track_stats: bool = True, search: str = "auto",
+                 search_max_bytes: int = 64 * 2**20, **kwargs: Any) -> None:
         if use_residual:
             raise ValueError("use_residual (residual VQ) is not supported by the rotation-trick quantizer; "
                              "set quantizer.use_residual: false")
         super().__init__(n_embed, embed_dim, beta, legacy=False, gradient=gradient, use_norm=use_norm,
-                         search_chunk_size=search_chunk_size, track_stats=track_stats)
+                         search_chunk_size=search_chunk_size, search_max_bytes=search_max_bytes,
+                         track_stats=track_stats, search=search)
         self.embedding.weight.data.normal_()
         self.embed_dim = embed_dim
         self.n_embed = n_embed
