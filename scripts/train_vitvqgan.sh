@@ -3,7 +3,7 @@
 # CPU, one node with N GPUs (DDP), several nodes (torchrun or SLURM), or resume from a checkpoint or run folder.
 #
 #   scripts/train_vitvqgan.sh --config rot_vitvqgan_small --gpus 0,1 --data /data/imagenet [--epochs 10 --lr 1e-4]
-#   scripts/train_vitvqgan.sh --resume logs/rot_vitvqgan_small/<run-id> --gpus 0,1      # newest checkpoint there
+#   scripts/train_vitvqgan.sh --resume logs/rot_vitvqgan_small/<run-id> --gpus 0,1      # go on in that run folder
 #   scripts/train_vitvqgan.sh --config tiny_rot_vitvqgan --epochs 2                      # CPU (no --gpus)
 #   # several nodes, torchrun: run on every node with its --node-rank and the same --run-id
 #   scripts/train_vitvqgan.sh --config C --gpus 0,1,2,3 --nodes 2 --node-rank 0 --master-addr host0 --run-id R
@@ -12,17 +12,21 @@
 #
 # Options:
 #   --config NAME|FILE   configs/NAME.yaml (main.py reads configs/<name>.yaml from the project root)
-#   --resume CKPT|DIR    a .ckpt, or a run folder <logdir>/<config>/<run-id> (its newest checkpoint); the config
-#                        defaults to the run's
+#   --resume DIR|CKPT    go on with a run in its own folder <logdir>/<config>/<run-id> (same logdir, config and run
+#                        id, so a second --resume finds the first one's checkpoints). DIR: the run folder, from its
+#                        newest checkpoint by modification time (ckpt/*.ckpt and SLURM's hpc_ckpt_*.ckpt; last.ckpt
+#                        on a tie; never crash.ckpt); CKPT: one of its ckpt/*.ckpt. A .ckpt outside a run folder
+#                        starts a new run folder from it (needs --config). A CSV logger's log/csv/metrics.csv, which
+#                        Lightning would delete, is kept as log/csv/metrics-<time>.csv
 #   --gpus IDS           GPU ids on each node, e.g. 0 or 0,1,2,3 (none: CPU); sets CUDA_VISIBLE_DEVICES
 #   --cpu-procs K        CPU processes when no --gpus (DDP over gloo; default 1)
 #   --nodes N            number of nodes (default 1); N > 1 needs --node-rank/--master-addr/--run-id or --slurm
 #   --node-rank R, --master-addr HOST, --master-port PORT (default 29500): torchrun on several nodes
-#   --run-id ID          run folder name (default: a time stamp); every node of one run must use the same
+#   --run-id ID          run folder name (default: a time stamp, or the --resume run's); the same on every node
 #   --slurm              print an sbatch script instead of running (with --partition, --time, --cpus-per-task)
 #   --data DIR           ImageNet root (sets IMAGENET_ROOT; holds train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)
 #   --epochs E (10), --lr LR (1e-4), --seed S (0), --update-every U (1): main.py -e, -lr, -s, -u
-#   --logdir DIR         where run folders go (default: logs): DIR/<config>/<run-id>/{ckpt,log}
+#   --logdir DIR         where run folders go (default: logs, or the --resume run's): DIR/<config>/<run-id>/{ckpt,log}
 #   --logger KIND        auto | wandb | tensorboard | csv (default auto: wandb when installed, else tensorboard)
 #   --python BIN         interpreter (default: $PYTHON or python, i.e. the active conda env / venv)
 #   --dry-run            print the command instead of running it
@@ -34,6 +38,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/lib/launch_common.sh"
 MAIN="$ROOT/third_party/enhancing-transformers/main.py"
 launch_defaults  # the options shared with train_vqgan.sh: --gpus, --nodes, --slurm, --data, --logdir, ...
+LOGDIR=""        # unset: logs, or the --resume run's (an explicit --logdir must agree with it)
 CONFIG=""
 RESUME=""
 CPU_PROCS=1
@@ -62,22 +67,64 @@ vitvqgan_option() {  # one of this launcher's own options, as launch_common_opti
 launch_parse vitvqgan_option "$@"
 
 launch_require_main "$MAIN"
-LOGDIR="$(launch_abspath "$LOGDIR")"
 
+# The checkpoint a run goes on from: the newest by modification time of its ckpt/*.ckpt (ModelCheckpoint's
+# <config>-epoch=NN.ckpt, RunGuard's last.ckpt) and of Lightning's SLURM-requeue hpc_ckpt_*.ckpt in the run folder;
+# last.ckpt wins a tie, and a last.ckpt older than another checkpoint (left by an earlier stop while the run went on
+# to later epochs) loses. crash.ckpt is never picked: give it as --resume CKPT on purpose.
+newest_checkpoint() {
+  local run=$1 newest
+  newest="$(find "$run/ckpt" -maxdepth 1 -type f -name '*.ckpt' ! -name crash.ckpt -printf '%T@\t%p\n' 2>/dev/null
+            find "$run" -maxdepth 1 -type f -name 'hpc_ckpt_*.ckpt' -printf '%T@\t%p\n' 2>/dev/null)"
+  newest="$(sort -t $'\t' -k1,1gr <<<"$newest" | head -n 1 | cut -f 2-)"
+  if [[ -n "$newest" && -f "$run/ckpt/last.ckpt" && ! "$run/ckpt/last.ckpt" -ot "$newest" ]]; then
+    newest="$run/ckpt/last.ckpt"
+  fi
+  echo "$newest"
+}
+
+# Lightning's CSVLogger deletes the metrics.csv it finds in its folder: keep the earlier starts' rows beside it.
+keep_csv_metrics() {
+  local csv="$1/log/csv/metrics.csv" kept
+  if [[ -f "$csv" ]]; then
+    kept="${csv%.csv}-$(date +%Y%m%d_%H%M%S).csv"
+    mv "$csv" "$kept" && echo "kept the metrics so far as $kept (Lightning's CSVLogger would delete them)" >&2
+  fi
+}
+
+RUN_DIR=""
 if [[ -n "$RESUME" ]]; then
-  [[ -e "$RESUME" ]] || launch_die "--resume $RESUME does not exist (give a .ckpt or a run folder <logdir>/<config>/<run-id>)"
+  [[ -e "$RESUME" ]] || launch_die "--resume $RESUME does not exist (give a run folder <logdir>/<config>/<run-id> or a .ckpt)"
   RESUME="$(launch_abspath "$RESUME")"
   if [[ -d "$RESUME" ]]; then
-    CKPT="$(ls -t "$RESUME"/ckpt/*.ckpt 2>/dev/null | head -n 1 || true)"
-    [[ -n "$CKPT" ]] || launch_die "--resume $RESUME: no checkpoint in $RESUME/ckpt/"
+    [[ -d "$RESUME/ckpt" ]] || launch_die "--resume $RESUME is not a run folder <logdir>/<config>/<run-id> (no ckpt/ in it)"
     RUN_DIR="$RESUME"
+    CKPT="$(newest_checkpoint "$RUN_DIR")"
+    [[ -n "$CKPT" ]] || launch_die "--resume $RESUME: no checkpoint in $RESUME/ckpt/"
   else
+    [[ "$RESUME" == *.ckpt ]] || launch_die "--resume $RESUME is neither a folder nor a .ckpt file"
     CKPT="$RESUME"
-    RUN_DIR="$(dirname "$(dirname "$CKPT")")"
+    # <logdir>/<config>/<run-id>/ckpt/<file>.ckpt goes on in that run folder; a loose .ckpt starts a new one.
+    if [[ "$(basename "$(dirname "$CKPT")")" == ckpt ]]; then RUN_DIR="$(dirname "$(dirname "$CKPT")")"; fi
   fi
-  # The run folder is <logdir>/<config>/<run-id>: its parent names the config.
-  [[ -n "$CONFIG" ]] || CONFIG="$(basename "$(dirname "$RUN_DIR")")"
 fi
+if [[ -n "$RUN_DIR" ]]; then
+  # main.py writes to <logdir>/<config>/<run-id>: all three come from the run folder, so the run goes on there.
+  RUN_CONFIG="$(basename "$(dirname "$RUN_DIR")")"
+  RUN_LOGDIR="$(dirname "$(dirname "$RUN_DIR")")"
+  [[ -z "$CONFIG" || "$(basename "${CONFIG%.yaml}")" == "$RUN_CONFIG" ]] \
+    || launch_die "--config $CONFIG differs from the run's ($RUN_CONFIG in $RUN_DIR): drop --config to go on with the run"
+  [[ -z "$RUN_ID" || "$RUN_ID" == "$(basename "$RUN_DIR")" ]] \
+    || launch_die "--run-id $RUN_ID differs from the run's ($(basename "$RUN_DIR")): --resume goes on in $RUN_DIR; drop --run-id"
+  [[ -z "$LOGDIR" || "$(launch_abspath "$LOGDIR")" == "$RUN_LOGDIR" ]] \
+    || launch_die "--logdir $LOGDIR differs from the run's ($RUN_LOGDIR): --resume goes on in $RUN_DIR; drop --logdir"
+  CONFIG="$RUN_CONFIG"
+  RUN_ID="$(basename "$RUN_DIR")"
+  LOGDIR="$RUN_LOGDIR"
+fi
+LOGDIR="$(launch_abspath "${LOGDIR:-logs}")"
+[[ -n "$CONFIG" || -z "$RESUME" ]] \
+  || launch_die "--resume $RESUME is not in a run folder's ckpt/: give --config NAME to start a new run from it"
 [[ -n "$CONFIG" ]] || launch_die "give --config NAME (configs/NAME.yaml) or --resume"
 CONFIG="$(basename "$CONFIG")"; CONFIG="${CONFIG%.yaml}"
 [[ -f "$ROOT/configs/$CONFIG.yaml" ]] || launch_die "config $ROOT/configs/$CONFIG.yaml not found (main.py reads configs/<name>.yaml)"
@@ -97,20 +144,30 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 ARGS=(-c "$CONFIG" -e "$EPOCHS" -lr "$LR" -s "$SEED" -u "$UPDATE_EVERY" -ng "$N_GPUS" -nn "$NODES"
       -l "$LOGGER" -o "$LOGDIR")
 [[ "$N_GPUS" -eq 0 ]] && ARGS+=(-np "$CPU_PROCS")
-[[ -n "$RESUME" ]] && ARGS+=(-r "$CKPT")
 ARGS+=("${EXTRA[@]+"${EXTRA[@]}"}")
 
+RUN_FOLDER="$LOGDIR/$CONFIG/$RUN_ID"
 if [[ "$SLURM" == 1 ]]; then
-  # The run id is fixed now, for all tasks.
+  # The run id is fixed now, for all tasks and every requeue of the job. A requeued resumed job goes on from the
+  # run's newest checkpoint, not from the one it first started from (Lightning's own requeue resume only acts when
+  # no checkpoint is given).
   launch_sbatch_head "$CONFIG" "$N_GPUS"
+  START=()
+  [[ -n "$RESUME" ]] && START=(-r "$CKPT")
   cat <<EOF
 export ENHANCING_RUN_ID=$(printf '%q' "$RUN_ID") PYTHONPATH=$(printf '%q' "$PYTHONPATH")
 ${IMAGENET_ROOT:+export IMAGENET_ROOT=$(printf '%q' "$IMAGENET_ROOT")}
 export CUDA_VISIBLE_DEVICES=$GPUS
-srun $(printf '%q ' "$PYTHON_BIN" "$MAIN" "${ARGS[@]}")
+RUN_FOLDER=$(printf '%q' "$RUN_FOLDER")
+$(declare -f newest_checkpoint keep_csv_metrics)
+START=(${START[@]+$(printf '%q ' "${START[@]}")})
+if [[ \${#START[@]} -gt 0 && "\${SLURM_RESTART_COUNT:-0}" -gt 0 ]]; then START=(-r "\$(newest_checkpoint "\$RUN_FOLDER")"); fi
+$([[ "$LOGGER" == csv ]] && echo 'keep_csv_metrics "$RUN_FOLDER"')
+srun $(printf '%q ' "$PYTHON_BIN" "$MAIN" "${ARGS[@]}") \${START[@]+"\${START[@]}"}
 EOF
   exit 0
 fi
+[[ -n "$RESUME" ]] && ARGS+=(-r "$CKPT")
 
 cd "$ROOT"
 CMD=()
@@ -120,9 +177,11 @@ if [[ "$NODES" -gt 1 ]]; then
 else
   CMD=("$PYTHON_BIN" "$MAIN" "${ARGS[@]}")
 fi
-echo "run folder: $LOGDIR/$CONFIG/$RUN_ID" >&2
+echo "run folder: $RUN_FOLDER${RESUME:+ (going on from $CKPT)}" >&2
 if [[ "$DRY_RUN" == 1 ]]; then
   echo "${GPUS:+CUDA_VISIBLE_DEVICES=$GPUS }${IMAGENET_ROOT:+IMAGENET_ROOT=$IMAGENET_ROOT }ENHANCING_RUN_ID=$RUN_ID $(printf '%q ' "${CMD[@]}")"
   exit 0
 fi
+# one node keeps the CSV rows (the others may share its file system)
+if [[ "$LOGGER" == csv && "${NODE_RANK:-0}" == 0 ]]; then keep_csv_metrics "$RUN_FOLDER"; fi
 exec "${CMD[@]}"

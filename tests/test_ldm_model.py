@@ -52,8 +52,24 @@ def test_ste_equals_upstream_vqmodel_forward_and_gradients() -> None:
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert torch.equal(outs[0][2], outs[1][2])
     assert outs[0][3].keys() == outs[1][3].keys()
+    # Same forward values, same gradient math; what may differ is the order in which a float32 reduction adds its
+    # terms (e.g. the thread count, or a gradient with other strides, picks another kernel: OMP_NUM_THREADS=1 moved
+    # quant_conv.bias by one rounding step, 3e-8 of 0.22). Reordering a sum of n float32 terms of size <= s moves it
+    # by at most about n * eps * s; every entry here sums over at most n = B*H*W = 2048 positions (batch x image
+    # pixels). So each tensor may differ by n * eps * max|g| (2.4e-4 of its largest entry) and no more: a real
+    # difference (another estimator, a lost loss term, a 1e-3 relative change) is far above that.
+    n = x.numel() // x.shape[1]
+    eps = torch.finfo(torch.float32).eps
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return bool(((a - b).abs() <= n * eps * a.abs().max()).all())
+
     for name in outs[0][3]:
-        assert torch.equal(outs[0][3][name], outs[1][3][name]), name
+        a, b = outs[0][3][name], outs[1][3][name]
+        assert close(a, b), (name, (a - b).abs().max().item(), a.abs().max().item())
+    # the bound is not vacuous: a 1e-3 relative change of one entry (the largest) would fail it
+    g = outs[0][3]["quant_conv.bias"]
+    assert not close(g, g + 1e-3 * g.abs().max() * (g.abs() == g.abs().max()))
 
 
 def test_rotation_changes_encoder_gradient_not_forward() -> None:
