@@ -66,6 +66,8 @@ def test_released_config_loads_an_upstream_vqmodel_state_dict_strictly() -> None
     sd = {k: v for k, v in upstream.state_dict().items() if not k.startswith("loss.")}
     missing, unexpected = ours.load_state_dict(sd, strict=False)
     assert not unexpected and all(k.startswith("loss.") for k in missing)
+    # blocked is upstream's search expression bit for bit; the fused one may take the other code of a near-tie
+    ours.quantize.search = "blocked"
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(ours(x)[0], upstream(x)[0], rtol=1e-5, atol=1e-5)
 
