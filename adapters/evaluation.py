@@ -563,9 +563,25 @@ def build_dataset(loaded: LoadedModel, source: str = "config", root: Optional[st
 
     layout = "chw" if loaded.family == "enhancing" else "hwc"
     size = size or model_image_size(loaded.config) or 256
+    if source == "imagenet" and loaded.family == "enhancing":
+        # Table 4: enhancing's own validation transform (PIL Resize of the whole image to size x size, antialiased,
+        # aspect not kept; CenterCrop a no-op), so valid loss is upstream's val/rec_loss and r-FID sees its inputs.
+        from adapters import vitvqgan as V
+
+        split = {"validation": "val"}.get(split, split)
+        if split == "val":
+            ds = V.ImageNetValidation(root=root, resolution=size, max_images=limit)
+        else:  # evaluating on train images: the same (validation) transform, no random crop or flip
+            from torchvision import transforms as T
+
+            val_transform = T.Compose([T.Resize((size, size)), T.CenterCrop((size, size)), T.ToTensor()])
+            ds = V._EnhancingImageNet(split, root, size, val_transform, max_images=limit)
+        return ds, {"source": "imagenet", "root": str(ds.root), "split": split, "size": size, "layout": layout,
+                    "transform": "enhancing ImageNetValidation: Resize((size, size)) + CenterCrop + ToTensor"}
     if source == "imagenet":
         ds = D.ImageNetFolder(root=root, split=split, size=size, random_crop=False, max_images=limit, layout=layout)
-        return ds, {"source": "imagenet", "root": str(ds.root), "split": split, "size": size, "layout": layout}
+        return ds, {"source": "imagenet", "root": str(ds.root), "split": split, "size": size, "layout": layout,
+                    "transform": "taming: shorter side to size (bilinear) + centre crop"}
     if source == "photos":
         n = limit or photos_length
         # Crop the photographs at the scale the config's own PhotoCrops validation set uses (tiny configs shrink

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Reproduce Tables 3 and 4 of the rotation-trick paper: train (or take checkpoints for) every row, evaluate, render.
 #
-#   scripts/reproduce.sh --scale tiny [--out DIR] [--report DIR]          # CPU, offline, < 30 min
+#   scripts/reproduce.sh --scale tiny [--out DIR] [--report DIR]          # CPU, offline, < 30 min (smoke test)
+#   scripts/reproduce.sh --scale small --seeds 0,1,2 [--jobs 3] [--out DIR] [--report DIR]   # CPU, offline, ~1 h
 #   scripts/reproduce.sh --scale full --imagenet ROOT --gpus 0,1,2,3 [--out DIR] [--report DIR]
 #
 # Options:
-#   --scale tiny|full      tiny: the configs/tiny_*.yaml models on crops of scikit-image's bundled photographs
+#   --scale tiny|small|full
+#                          small: configs/small_*.yaml, the paper's codebooks (8192 x 3 VQGAN; 8192 x 32
+#                          l2-normalised ViT-VQGAN), loss settings and optimisers, 32 px crops of the offline
+#                          photographs, small networks; rows STE, rotation (released gradient) and rotation (the
+#                          paper's formula) for both codebases. CPU, no downloads, ~5 min per row (issue 8).
+#                          tiny: the configs/tiny_*.yaml models on crops of scikit-image's bundled photographs
 #                          (STE, rotation trick, Gumbel for VQGAN; STE and rotation for ViT-VQGAN), CPU, no downloads.
 #                          full: the paper's ImageNet runs (Table 3: 4 epochs at batch 16; Table 4: 10 epochs at
 #                          batch 32), then evaluation on the 50,000 validation images. See docs/evaluation.md for the
@@ -20,15 +26,22 @@
 #   --checkpoints DIR      skip training: take DIR/<row>.ckpt (row names below) and evaluate/render those
 #   --rows LIST            comma-separated subset of rows (default: all of the scale)
 #   --vqgan-steps N        tiny: training steps per VQGAN row (default 800)
+#   --steps N              small: training steps of every row, both codebases (default 300; ViT-VQGAN: rounded
+#                          up to whole epochs of 32 steps)
+#   --seeds LIST           small: run every row once per seed (e.g. 0,1,2) into DIR/seed_<S>/, then write the
+#                          per-seed table, mean +- std and verdicts (scripts/seed_summary.py) into the report
+#   --jobs N               with --seeds: seeds trained in parallel (default 1); each process uses one thread
 #   --vit-epochs N         tiny: epochs per ViT-VQGAN row (default 100; 8 steps each)
 #   --vqgan-lr LR          tiny: VQGAN model.base_learning_rate (default 1e-4; main.py multiplies it by the batch, 4).
+#                          small: default the config's (2.5e-5 x batch 16); --vqgan-lr 4.5e-6 is the paper's.
 #                          The paper's 4.5e-6 is for 4 ImageNet epochs; a few hundred CPU steps need more to learn
 #                          anything. The ViT-VQGAN rows use -lr 1e-4 as the paper.
-#   --eval-images N        images evaluated per row (tiny default 64; full default: all 50,000)
+#   --eval-images N        images evaluated per row (tiny default 64; small 128; full default: all 50,000)
 #   --seed N               training seed (default: each main.py's own, 23 for latent-diffusion, 0 for enhancing);
 #                          labels get " (seed N)" so replicates stay apart in the tables
 #   --dry-run              print the commands, run nothing
 # Rows: tiny: vqgan_ste vqgan_rot vqgan_gumbel vit_ste vit_rot
+#       small: vqgan_ste vqgan_rot vqgan_rot_paper vit_ste vit_rot vit_rot_paper
 #       full: vqgan_ste_64 vqgan_rot_64 vqgan_gumbel_64 vqgan_ste_32 vqgan_rot_32 vqgan_gumbel_32 vit_ste vit_rot
 set -euo pipefail
 
@@ -46,38 +59,72 @@ CKPTS=""
 ROWS=""
 VQGAN_STEPS=800
 VIT_EPOCHS=100
-VQGAN_LR=1e-4
+VQGAN_LR=""
 EVAL_IMAGES=""
 SEED=""
+SEEDS=""
+JOBS=1
+STEPS=300
 DRY=0
+PASS=()  # options handed on to the per-seed runs of --seeds
 
 die() { echo "reproduce.sh: $*" >&2; exit 2; }
 need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --scale) need_value "$@"; SCALE="$2"; shift 2 ;;
+    --scale) need_value "$@"; SCALE="$2"; PASS+=("$1" "$2"); shift 2 ;;
     --out) need_value "$@"; OUT="$2"; shift 2 ;;
     --report) need_value "$@"; REPORT="$2"; shift 2 ;;
-    --gpus) need_value "$@"; GPUS="$2"; shift 2 ;;
-    --imagenet) need_value "$@"; IMAGENET="$2"; shift 2 ;;
-    --inception-weights) need_value "$@"; INCEPTION="$2"; shift 2 ;;
-    --lpips-backbone) need_value "$@"; LPIPS_BACKBONE="$2"; shift 2 ;;
+    --seeds) need_value "$@"; SEEDS="$2"; shift 2 ;;
+    --jobs) need_value "$@"; JOBS="$2"; shift 2 ;;
+    --steps) need_value "$@"; STEPS="$2"; PASS+=("$1" "$2"); shift 2 ;;
+    --gpus) need_value "$@"; GPUS="$2"; PASS+=("$1" "$2"); shift 2 ;;
+    --imagenet) need_value "$@"; IMAGENET="$2"; PASS+=("$1" "$2"); shift 2 ;;
+    --inception-weights) need_value "$@"; INCEPTION="$2"; PASS+=("$1" "$2"); shift 2 ;;
+    --lpips-backbone) need_value "$@"; LPIPS_BACKBONE="$2"; PASS+=("$1" "$2"); shift 2 ;;
     --checkpoints) need_value "$@"; CKPTS="$2"; shift 2 ;;
-    --rows) need_value "$@"; ROWS="$2"; shift 2 ;;
-    --vqgan-steps) need_value "$@"; VQGAN_STEPS="$2"; shift 2 ;;
-    --vit-epochs) need_value "$@"; VIT_EPOCHS="$2"; shift 2 ;;
-    --vqgan-lr) need_value "$@"; VQGAN_LR="$2"; shift 2 ;;
-    --eval-images) need_value "$@"; EVAL_IMAGES="$2"; shift 2 ;;
+    --rows) need_value "$@"; ROWS="$2"; PASS+=("$1" "$2"); shift 2 ;;
+    --vqgan-steps) need_value "$@"; VQGAN_STEPS="$2"; PASS+=("$1" "$2"); shift 2 ;;
+    --vit-epochs) need_value "$@"; VIT_EPOCHS="$2"; PASS+=("$1" "$2"); shift 2 ;;
+    --vqgan-lr) need_value "$@"; VQGAN_LR="$2"; PASS+=("$1" "$2"); shift 2 ;;
+    --eval-images) need_value "$@"; EVAL_IMAGES="$2"; PASS+=("$1" "$2"); shift 2 ;;
     --seed) need_value "$@"; SEED="$2"; shift 2 ;;
-    --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,32p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --dry-run) DRY=1; PASS+=("$1"); shift ;;
+    -h|--help) sed -n '2,44p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
-[[ "$SCALE" == "tiny" || "$SCALE" == "full" ]] || die "--scale tiny|full is required"
+[[ "$SCALE" == "tiny" || "$SCALE" == "small" || "$SCALE" == "full" ]] || die "--scale tiny|small|full is required"
 OUT="${OUT:-$ROOT/outputs/reproduce_$SCALE}"
 REPORT="${REPORT:-$OUT/report}"
 cd "$ROOT"
+
+if [[ -n "$SEEDS" ]]; then
+  # One full run per seed (its own folder and report), --jobs of them at a time, then the across-seed summary.
+  [[ -z "$SEED" ]] || die "--seed and --seeds exclude each other"
+  [[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || die "--jobs needs a positive integer, got '$JOBS'"
+  mkdir -p "$OUT" "$REPORT"
+  START=$(date +%s)
+  pids=()
+  for s in ${SEEDS//,/ }; do
+    [[ "$s" =~ ^[0-9]+$ ]] || die "--seeds: '$s' is not a non-negative integer"
+    cmd=(bash "${BASH_SOURCE[0]}" "${PASS[@]}" --seed "$s" --out "$OUT/seed_$s" --report "$OUT/seed_$s/report")
+    printf '+'; printf ' %q' "${cmd[@]}"; printf ' > %q 2>&1\n' "$OUT/seed_$s.log"
+    if [[ $DRY == 1 ]]; then "${cmd[@]}"; continue; fi
+    "${cmd[@]}" > "$OUT/seed_$s.log" 2>&1 &
+    pids+=($!)
+    while [[ $(jobs -rp | wc -l) -ge $JOBS ]]; do wait -n || true; done
+  done
+  fail=0
+  for p in "${pids[@]}"; do wait "$p" || fail=1; done
+  (( fail == 0 )) || echo "reproduce.sh: a seed's run failed (see $OUT/seed_*.log); summarising what finished" >&2
+  summary=("$PYTHON" scripts/seed_summary.py "$OUT" --out "$REPORT" --command "$INVOCATION"
+           --wall-seconds "$(( $(date +%s) - START ))")
+  printf '+'; printf ' %q' "${summary[@]}"; printf '\n'
+  [[ $DRY == 1 ]] || "${summary[@]}" || fail=1
+  echo "reproduce.sh: seeds $SEEDS done in $(( $(date +%s) - START ))s; per-seed runs in $OUT/seed_*, summary in $REPORT"
+  exit "$fail"
+fi
 
 # row -> "trainer|config|paper setting|label|extra training overrides"
 declare -A SPEC
@@ -90,7 +137,19 @@ if [[ "$SCALE" == tiny ]]; then
   SPEC[vit_ste]="enh|tiny_vitvqgan||tiny ViT-VQGAN (STE)|"
   SPEC[vit_rot]="enh|tiny_rot_vitvqgan||tiny ViT-VQGAN w/ rotation trick|"
   EVAL_IMAGES="${EVAL_IMAGES:-64}"
+  VQGAN_LR="${VQGAN_LR:-1e-4}"
   # Small models on a shared CPU: one thread per process is faster than oversubscribed cores (often by 10x).
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+elif [[ "$SCALE" == small ]]; then
+  # Issue 8: the paper's codebooks and losses at a size a 2-core CPU trains in minutes (configs/small_*.yaml).
+  ALL_ROWS="vqgan_ste vqgan_rot vqgan_rot_paper vit_ste vit_rot vit_rot_paper"
+  SPEC[vqgan_ste]="ldm|configs/small_vqgan.yaml|64x64x3|small VQGAN 8192x3 (STE)|"
+  SPEC[vqgan_rot]="ldm|configs/small_rot_vqgan.yaml|64x64x3|small VQGAN 8192x3 w/ rotation trick (released)|"
+  SPEC[vqgan_rot_paper]="ldm|configs/small_rot_paper_vqgan.yaml|64x64x3|small VQGAN 8192x3 w/ rotation trick (paper's formula)|"
+  SPEC[vit_ste]="enh|small_vitvqgan||small ViT-VQGAN 8192x32 (STE)|"
+  SPEC[vit_rot]="enh|small_rot_vitvqgan||small ViT-VQGAN 8192x32 w/ rotation trick (released)|"
+  SPEC[vit_rot_paper]="enh|small_rot_paper_vitvqgan||small ViT-VQGAN 8192x32 w/ rotation trick (paper's formula)|"
+  EVAL_IMAGES="${EVAL_IMAGES:-128}"
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 else
   ALL_ROWS="vqgan_ste_64 vqgan_rot_64 vqgan_gumbel_64 vqgan_ste_32 vqgan_rot_32 vqgan_gumbel_32 vit_ste vit_rot"
@@ -135,6 +194,9 @@ for row in $ROWS; do
     [[ -n "$SEED" ]] && train_args+=(--seed "$SEED")
     if [[ "$SCALE" == tiny ]]; then
       train_args+=("lightning.trainer.max_steps=$VQGAN_STEPS" "model.base_learning_rate=$VQGAN_LR")
+    elif [[ "$SCALE" == small ]]; then
+      train_args+=("lightning.trainer.max_steps=$STEPS")
+      [[ -n "$VQGAN_LR" ]] && train_args+=("model.base_learning_rate=$VQGAN_LR")
     else
       train_args+=(--gpus "$GPUS" "lightning.trainer.max_epochs=4")
     fi
@@ -151,6 +213,9 @@ for row in $ROWS; do
     # enhancing-transformers' main.py (patched): runs go to <run_dir>/<config>/<ENHANCING_RUN_ID>/{ckpt,log}.
     if [[ "$SCALE" == tiny ]]; then
       enh_args=(-c "$config" -lr 1e-4 -e "$VIT_EPOCHS" -ng 0 -l csv -b 1000 -o "$run_dir")
+    elif [[ "$SCALE" == small ]]; then
+      # 32 steps per epoch (512 crops at batch 16): whole epochs covering --steps.
+      enh_args=(-c "$config" -lr 1e-4 -e "$(( (STEPS + 31) / 32 ))" -ng 0 -l csv -b 1000000 -o "$run_dir")
     else
       enh_args=(-c "$config" -lr 1e-4 -e 10 -ng "$NGPU" -l tensorboard -o "$run_dir")
     fi
@@ -164,8 +229,10 @@ for row in $ROWS; do
 
   eval_args=(--config "$eval_config" --checkpoint "$ckpt" --out "$OUT/results/$row.json" --label "$label")
   [[ -n "$setting" ]] && eval_args+=(--setting "$setting")
-  if [[ "$SCALE" == tiny ]]; then
-    eval_args+=(--offline-photos --limit "$EVAL_IMAGES" --batch-size 4 --device cpu --num-workers 0 --offline)
+  if [[ "$SCALE" != full ]]; then
+    # small: per-batch usage at the training batch (16), as the paper measures it at its training batch.
+    bs=4; [[ "$SCALE" == small ]] && bs=16
+    eval_args+=(--offline-photos --limit "$EVAL_IMAGES" --batch-size "$bs" --device cpu --num-workers 0 --offline)
     if [[ -n "$INCEPTION" ]]; then eval_args+=(--inception-weights "$INCEPTION"); else eval_args+=(--no-fid); fi
     if [[ -n "$LPIPS_BACKBONE" ]]; then eval_args+=(--lpips-backbone "$LPIPS_BACKBONE"); else eval_args+=(--no-lpips); fi
   else
@@ -185,7 +252,7 @@ for row in $ROWS; do
   fi
 done
 
-run "$PYTHON" scripts/make_tables.py "$OUT/results" --out "$REPORT" --command "$INVOCATION"
+run "$PYTHON" scripts/make_tables.py "$OUT/results" --out "$REPORT" --overwrite --command "$INVOCATION"  # --report names its folder
 # The report folder keeps the records it was made from (and their example reconstructions), so it stands alone.
 if [[ $DRY == 0 && "$(cd "$REPORT" && pwd)" != "$(cd "$OUT/results" && pwd)" ]]; then
   mkdir -p "$REPORT/results"

@@ -25,7 +25,7 @@ def _commands(out: str, program: str) -> list[str]:
 def test_scale_is_required_and_checked() -> None:
     for args in ([], ["--scale", "huge"]):
         res = _run(*args)
-        assert res.returncode == 2 and "--scale tiny|full is required" in res.stderr
+        assert res.returncode == 2 and "--scale tiny|small|full is required" in res.stderr
     res = _run("--scale", "tiny", "--bogus")
     assert res.returncode == 2 and "unknown option '--bogus'" in res.stderr
     res = _run("--scale", "tiny", "--rows", "vqgan_ste,nope", "--dry-run")
@@ -79,3 +79,36 @@ def test_seed_reaches_both_trainers_and_the_labels(tmp_path) -> None:
     assert all("--seed 7" in c for c in _commands(res.stdout, "latent-diffusion/main.py"))
     assert all(c.endswith("-s 7") for c in _commands(res.stdout, "enhancing-transformers/main.py"))
     assert all("(seed 7)" in c.replace("\\", "") for c in _commands(res.stdout, "scripts/evaluate.py"))
+
+
+def test_small_dry_run_rows_seeds_and_summary(tmp_path) -> None:
+    """--scale small: six rows (STE, released rotation, the paper's rotation; both codebases) per seed, the same
+    number of steps for every row, evaluation at the training batch, then the across-seed summary."""
+    res = _run("--scale", "small", "--dry-run", "--seeds", "0,1,2", "--steps", "64", "--out", str(tmp_path / "o"))
+    assert res.returncode == 0, res.stderr
+    ldm = _commands(res.stdout, "latent-diffusion/main.py")
+    enh = _commands(res.stdout, "enhancing-transformers/main.py")
+    ev = _commands(res.stdout, "scripts/evaluate.py")
+    assert len(ldm) == 9 and len(enh) == 9 and len(ev) == 18
+    assert all("max_steps=64" in c and "base_learning_rate" not in c for c in ldm)  # the configs' lr
+    assert all("-e 2 " in c and "-lr 1e-4" in c and "-ng 0" in c for c in enh)  # 2 epochs x 32 steps
+    assert all("--batch-size 16" in c and "--offline-photos" in c for c in ev)
+    for seed in (0, 1, 2):
+        assert sum(f"--seed {seed}" in c for c in ldm) == 3 and sum(c.endswith(f"-s {seed}") for c in enh) == 3
+    configs = set(re.findall(r"--base configs/(\S+)\.yaml", "\n".join(ldm))) | set(re.findall(r"-c (\S+)", "\n".join(enh)))
+    assert configs == {"small_vqgan", "small_rot_vqgan", "small_rot_paper_vqgan",
+                       "small_vitvqgan", "small_rot_vitvqgan", "small_rot_paper_vitvqgan"}
+    assert _commands(res.stdout, "scripts/seed_summary.py")
+
+
+def test_small_configs_keep_the_papers_codebooks() -> None:
+    from omegaconf import OmegaConf
+
+    grads = {"": "ste", "rot_": "rotation_released", "rot_paper_": "rotation"}
+    for prefix, grad in grads.items():
+        vq = OmegaConf.load(ROOT / "configs" / f"small_{prefix}vqgan.yaml").model.params
+        assert (vq.n_embed, vq.embed_dim, vq.gradient) == (8192, 3, grad)
+        assert vq.lossconfig.params.codebook_weight == 1.0 and vq.lossconfig.params.disc_start == 0
+        vit = OmegaConf.load(ROOT / "configs" / f"small_{prefix}vitvqgan.yaml").model.params
+        assert (vit.quantizer.n_embed, vit.quantizer.embed_dim, vit.gradient) == (8192, 32, grad)
+        assert vit.quantizer.get("use_norm", True)
