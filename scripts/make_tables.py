@@ -389,6 +389,13 @@ def plot_training(records: Sequence[Mapping[str, Any]], logs: Mapping[str, Mappi
                 ax.plot(steps, vals, color=colour, alpha=0.25, linewidth=0.8)
                 ax.plot(steps, smooth, color=colour, label=run_label(r))
                 drawn = True
+    return finish_curves(fig, axes, drawn, f"Table {table}: training curves, STE vs rotation", path)
+
+
+def finish_curves(fig: Any, axes: Sequence[Any], drawn: bool, title: str, path: Path) -> bool:
+    """Label the (usage, quantization error) against step panels and save them to ``path``; False if empty."""
+    import matplotlib.pyplot as plt
+
     if not drawn:
         plt.close(fig)
         return False
@@ -398,7 +405,7 @@ def plot_training(records: Sequence[Mapping[str, Any]], logs: Mapping[str, Mappi
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    fig.suptitle(f"Table {table}: training curves, STE vs rotation")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -117,6 +117,7 @@ def plot_bands(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], family: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from make_tables import finish_curves
 
     names = [r for r in rows if r.startswith(family + "_")]
     if not names:
@@ -138,20 +139,7 @@ def plot_bands(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], family: str,
             ax.fill_between(steps, v.min(0), v.max(0), color=colours.get(kind), alpha=0.2)
             ax.plot(steps, v.mean(0), color=colours.get(kind), label=f"{row} ({len(curves)} seeds)")
             drawn = True
-    if not drawn:
-        plt.close(fig)
-        return False
-    axes[0].set_ylabel("train codebook usage (fraction per batch)")
-    axes[1].set_ylabel("train quantization error ||e - q||^2")
-    axes[1].set_yscale("log")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{FAMILIES[family]}: mean over seeds, band = min..max")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return finish_curves(fig, axes, drawn, f"{FAMILIES[family]}: mean over seeds, band = min..max", path)
 
 
 def summarise(out: Path, report: Path, command: Optional[str] = None, wall_seconds: Optional[float] = None,
