@@ -590,21 +590,25 @@ def build_dataset(loaded: LoadedModel, source: str = "config", root: Optional[st
         scale_to, photos = like.get("scale_to"), like.get("photos")
         ds = D.PhotoCrops(size=size, length=n, photos=photos, random_crop=False, scale_to=scale_to, seed=seed,
                           layout=layout)
+        # Whether any evaluated photograph was also a training photograph (issue 16, item 6): the report states it.
+        trained_on = _config_photo_params(loaded.config, splits=("train",))
+        train_photos = D.resolve_photos(trained_on.get("photos")) if trained_on else None
+        disjoint = None if train_photos is None else not set(ds.names) & set(train_photos)
         return ds, {"source": "offline-photos", "photos": ds.names, "size": size, "scale_to": scale_to,
-                    "seed": seed, "layout": layout}
+                    "seed": seed, "layout": layout, "train_photos": train_photos, "held_out": disjoint}
     if source == "config":
         ds = config_validation_dataset(loaded.config)
         return ds, {"source": "config", "target": str(_validation_target(loaded.config)), "layout": layout}
     raise ValueError(f"unknown data source {source!r}: use 'imagenet', 'photos' or 'config'")
 
 
-def _config_photo_params(cfg: DictConfig) -> dict[str, Any]:
-    """params of the config's validation (else train) dataset when it is adapters.data.PhotoCrops, else {}."""
+def _config_photo_params(cfg: DictConfig, splits: Sequence[str] = ("validation", "train")) -> dict[str, Any]:
+    """params of the config's first PhotoCrops dataset among ``splits`` (default: validation, else train), or {}."""
     for section in ("data", "dataset"):
         node = cfg.get(section, None)
         if node is None or node.get("params", None) is None:
             continue
-        for split in ("validation", "train"):
+        for split in splits:
             ds = node.params.get(split, None)
             if ds is not None and str(ds.get("target", "")).endswith("PhotoCrops"):
                 return dict(OmegaConf.to_container(ds.get("params", {}) or {}, resolve=True))

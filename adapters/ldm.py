@@ -3,7 +3,7 @@
 ``RotationVQModel`` (config ``target: adapters.ldm.RotationVQModel``) takes upstream ``VQModel``'s arguments plus
 
   gradient: ste | rotation | rotation_released | reflection | rotation_unscaled  (see adapters.quantizer)
-  quantizer_config: {beta, legacy, use_norm, search, search_chunk_size, track_stats}  (optional; upstream's beta 0.25)
+  quantizer_config: {beta, legacy, use_norm, search, search_chunk_size, track_stats, codebook_init, kmeans_iters}  (optional; upstream's beta 0.25)
   trust_checkpoint: false | true  (ckpt_path: load with weights_only=False if the file needs it; adapters.safe_load)
 
 and keeps upstream's state-dict keys, so latent-diffusion's and the authors' VQGAN checkpoints load with no missing
@@ -45,7 +45,8 @@ from adapters.lightning_compat import AccumulatedUpdate, allow_numpy_scalars_in_
 from adapters.codebook_logging import CodebookLoggingMixin
 from adapters.quantizer import GRADIENTS, CodebookStats, RotationVectorQuantizer
 
-QUANTIZER_OPTIONS = ("beta", "legacy", "use_norm", "search", "search_chunk_size", "search_max_bytes", "track_stats")
+QUANTIZER_OPTIONS = ("beta", "legacy", "use_norm", "search", "search_chunk_size", "search_max_bytes", "track_stats",
+                     "codebook_init", "kmeans_iters")
 # What a diverged run's error (NonFiniteLossError) tells the user to change, in latent-diffusion main.py's terms.
 LR_OPTION = "model.base_learning_rate"
 RESUME_OPTION = "-r logs/<run>, or -r with one of its checkpoints/*.ckpt"
@@ -128,7 +129,7 @@ class RotationVQModel(CodebookLoggingMixin, VQModel):
         with torch.random.fork_rng(devices=[]):  # leave the RNG stream where upstream's would be
             quantizer = RotationVectorQuantizer(n_embed, embed_dim, beta=beta, remap=remap,
                                                 sane_index_shape=sane_index_shape, gradient=gradient, **qcfg)
-        quantizer.load_state_dict(upstream.state_dict())
+        quantizer.adopt_initial_codebook(upstream)
         return quantizer
 
     # --- training ------------------------------------------------------------------------------------------------

@@ -59,6 +59,23 @@ def instantiate(cfg: Mapping[str, Any]) -> Any:
     return get_obj_from_str(str(cfg["target"]))(**(params if params is not None else {}))
 
 
+def _load_with_base(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
+    """One YAML config; a ``base_config: <path>.yaml`` key (enhancing-transformers' inheritance) is merged under it.
+    The base path is read as enhancing's main.py reads it, from the working directory, else beside the config's
+    folder (``configs/x.yaml`` names ``configs/base.yaml``), so evaluation works from any directory."""
+    cfg = OmegaConf.load(path)
+    base = cfg.get("base_config", None) if isinstance(cfg, DictConfig) else None
+    if base is None:
+        return cfg  # type: ignore[return-value]
+    candidates = [Path(str(base)), path.resolve().parent.parent / str(base), path.resolve().parent / Path(str(base)).name]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None or found.resolve() in _seen:
+        raise ValueError(f"config {path}: base_config {base!r} " + ("is circular" if found is not None else
+                         "not found (it is read from the working directory: run from the project's root)"))
+    rest = OmegaConf.create({k: v for k, v in cfg.items() if k != "base_config"})
+    return OmegaConf.merge(_load_with_base(found, _seen + (path.resolve(),)), rest)  # type: ignore[return-value]
+
+
 def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> DictConfig:
     """Load and merge one or more YAML configs (later ones override, like upstream main.py's --base)."""
     if isinstance(paths, (str, os.PathLike)):
@@ -67,7 +84,7 @@ def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> DictC
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"config {p}: no such file")
-        configs.append(OmegaConf.load(p))
+        configs.append(_load_with_base(Path(p)))
     cfg = OmegaConf.merge(*configs)
     if "model" not in cfg or "target" not in cfg.model:
         raise ValueError(f"config {list(map(str, paths))} has no `model: {{target: ..., params: ...}}` section; "

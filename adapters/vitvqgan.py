@@ -205,7 +205,7 @@ class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
         upstream = self.quantizer
         with torch.random.fork_rng(devices=[]):  # the draws below leave the RNG stream where upstream's would be
             self.quantizer = NormRotationQuantizer(gradient=gradient, **OmegaConf.to_container(quantizer))
-        self.quantizer.load_state_dict(upstream.state_dict())  # same initial codebook as upstream for a seed
+        self.quantizer.adopt_initial_codebook(upstream)  # same initial codebook as upstream for a seed
         self.gradient = gradient
         self.automatic_optimization = False
         self.update_every = 1  # main.py sets it from -u; gradients are accumulated over this many batches

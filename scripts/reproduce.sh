@@ -39,9 +39,16 @@
 #   --eval-images N        images evaluated per row (tiny default 64; small 128; full default: all 50,000)
 #   --seed N               training seed (default: each main.py's own, 23 for latent-diffusion, 0 for enhancing);
 #                          labels get " (seed N)" so replicates stay apart in the tables
+#   --init upstream|kmeans small: the codebook initialisation of every row (default upstream: each codebase's own
+#                          draw; kmeans: k-means on the first training batch's encoder outputs, issue 17)
+#   --fresh                start every row over: an earlier run of the row (its train folder and record) is moved to
+#                          DIR/previous/<time>/ first, never deleted. Without it a rerun skips rows whose record is at
+#                          the requested step and resumes unfinished rows from their own newest checkpoint
+#   --overwrite            let make_tables replace a report made from other records (never done unasked)
 #   --dry-run              print the commands, run nothing
 # Rows: tiny: vqgan_ste vqgan_rot vqgan_gumbel vit_ste vit_rot
-#       small: vqgan_ste vqgan_rot vqgan_rot_paper vit_ste vit_rot vit_rot_paper
+#       small: vqgan_ste vqgan_rot vqgan_rot_paper vit_ste vit_rot vit_rot_paper vqgan_regime_ste vqgan_regime_rot
+#              (regime rows: a 128 x 3 codebook, 8 latent vectors per code in a batch as the paper; not in the default)
 #       full: vqgan_ste_64 vqgan_rot_64 vqgan_gumbel_64 vqgan_ste_32 vqgan_rot_32 vqgan_gumbel_32 vit_ste vit_rot
 set -euo pipefail
 
@@ -65,6 +72,9 @@ SEED=""
 SEEDS=""
 JOBS=1
 STEPS=300
+INIT=upstream
+FRESH=0
+OVERWRITE=0
 DRY=0
 PASS=()  # options handed on to the per-seed runs of --seeds
 
@@ -89,12 +99,18 @@ while [[ $# -gt 0 ]]; do
     --vqgan-lr) need_value "$@"; VQGAN_LR="$2"; PASS+=("$1" "$2"); shift 2 ;;
     --eval-images) need_value "$@"; EVAL_IMAGES="$2"; PASS+=("$1" "$2"); shift 2 ;;
     --seed) need_value "$@"; SEED="$2"; shift 2 ;;
+    --init) need_value "$@"; INIT="$2"; PASS+=("$1" "$2"); shift 2 ;;
+    --fresh) FRESH=1; PASS+=("$1"); shift ;;
+    --overwrite) OVERWRITE=1; PASS+=("$1"); shift ;;
     --dry-run) DRY=1; PASS+=("$1"); shift ;;
-    -h|--help) sed -n '2,44p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,52p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
 [[ "$SCALE" == "tiny" || "$SCALE" == "small" || "$SCALE" == "full" ]] || die "--scale tiny|small|full is required"
+[[ "$INIT" == upstream || "$INIT" == kmeans ]] || die "--init takes upstream or kmeans, got '$INIT'"
+[[ "$INIT" == upstream || "$SCALE" == small ]] || die "--init kmeans is wired for --scale small only; for other scales set codebook_init in the config (model.params.quantizer_config.codebook_init / model.params.quantizer.codebook_init)"
+[[ "$STEPS" =~ ^[1-9][0-9]*$ ]] || die "--steps needs a positive integer, got '$STEPS'"
 OUT="${OUT:-$ROOT/outputs/reproduce_$SCALE}"
 REPORT="${REPORT:-$OUT/report}"
 cd "$ROOT"
@@ -120,6 +136,7 @@ if [[ -n "$SEEDS" ]]; then
   (( fail == 0 )) || echo "reproduce.sh: a seed's run failed (see $OUT/seed_*.log); summarising what finished" >&2
   summary=("$PYTHON" scripts/seed_summary.py "$OUT" --out "$REPORT" --command "$INVOCATION"
            --wall-seconds "$(( $(date +%s) - START ))")
+  (( OVERWRITE == 1 )) && summary+=(--overwrite)
   printf '+'; printf ' %q' "${summary[@]}"; printf '\n'
   [[ $DRY == 1 ]] || "${summary[@]}" || fail=1
   echo "reproduce.sh: seeds $SEEDS done in $(( $(date +%s) - START ))s; per-seed runs in $OUT/seed_*, summary in $REPORT"
@@ -149,6 +166,20 @@ elif [[ "$SCALE" == small ]]; then
   SPEC[vit_ste]="enh|small_vitvqgan||small ViT-VQGAN 8192x32 (STE)|"
   SPEC[vit_rot]="enh|small_rot_vitvqgan||small ViT-VQGAN 8192x32 w/ rotation trick (released)|"
   SPEC[vit_rot_paper]="enh|small_rot_paper_vitvqgan||small ViT-VQGAN 8192x32 w/ rotation trick (paper's formula)|"
+  # Issue 17's regime arm: one config, the STE row sets the estimator (the only difference).
+  SPEC[vqgan_regime_ste]="ldm|configs/small_regime_vqgan.yaml|64x64x3|small VQGAN 128x3 regime (STE)|model.params.gradient=ste"
+  SPEC[vqgan_regime_rot]="ldm|configs/small_regime_vqgan.yaml|64x64x3|small VQGAN 128x3 regime w/ rotation trick (released)|"
+  if [[ "$INIT" == kmeans ]]; then
+    # VQGAN rows take the override; ViT-VQGAN configs name their base (configs/small_kmeans_*vitvqgan.yaml).
+    for r in vqgan_ste vqgan_rot vqgan_rot_paper vqgan_regime_ste vqgan_regime_rot; do
+      SPEC[$r]="${SPEC[$r]%|*}|${SPEC[$r]##*|} model.params.quantizer_config.codebook_init=kmeans"
+      SPEC[$r]="${SPEC[$r]/)|/, k-means init)|}"
+    done
+    SPEC[vit_ste]="enh|small_kmeans_vitvqgan||small ViT-VQGAN 8192x32 (STE, k-means init)|"
+    SPEC[vit_rot]="enh|small_kmeans_rot_vitvqgan||small ViT-VQGAN 8192x32 w/ rotation trick (released, k-means init)|"
+    unset 'SPEC[vit_rot_paper]'
+    ALL_ROWS="vqgan_ste vqgan_rot vqgan_rot_paper vit_ste vit_rot"
+  fi
   EVAL_IMAGES="${EVAL_IMAGES:-128}"
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 else
@@ -169,6 +200,7 @@ fi
 ROWS="${ROWS:-$ALL_ROWS}"
 ROWS="${ROWS//,/ }"
 for row in $ROWS; do [[ -n "${SPEC[$row]+x}" ]] || die "unknown row '$row' for --scale $SCALE (rows: $ALL_ROWS)"; done
+if [[ -n "$CKPTS" && "$FRESH" == 1 ]]; then die "--fresh and --checkpoints exclude each other"; fi
 NGPU=$(awk -F, '{n=0; for (i=1;i<=NF;i++) if ($i != "") n++; print n}' <<< "$GPUS")
 
 run() {  # print, then run unless --dry-run
@@ -183,6 +215,24 @@ for row in $ROWS; do
   [[ -n "$SEED" ]] && label="$label (seed $SEED)"
   echo "=== $row: $label ($(( $(date +%s) - START ))s elapsed)"
   run_dir="$OUT/train/$row"
+  record="$OUT/results/$row.json"
+  # The step a finished row's checkpoint holds (ViT-VQGAN: whole epochs of 32 steps covering --steps).
+  target=$STEPS; [[ "$trainer" == enh && "$SCALE" == small ]] && target=$(( (STEPS + 31) / 32 * 32 ))
+  if [[ -z "$CKPTS" && $DRY == 0 ]]; then
+    if (( FRESH == 1 )) && [[ -e "$run_dir" || -e "$record" ]]; then
+      aside="$OUT/previous/$(date +%Y%m%dT%H%M%S)/$row"
+      mkdir -p "$aside"
+      for f in "$run_dir" "$record" "${record%.json}.png"; do [[ -e "$f" ]] && mv "$f" "$aside/"; done
+      echo "reproduce.sh: --fresh: the earlier run of $row was moved to $aside"
+    elif [[ -f "$record" && "$SCALE" != full ]]; then
+      done_step=$("$PYTHON" scripts/lib/checkpoints.py record-step "$record")
+      if [[ "$done_step" == "$target" ]]; then
+        echo "reproduce.sh: $row is finished (its record is at step $done_step); skipped (--fresh reruns it)"
+        continue
+      fi
+      echo "reproduce.sh: $row's record is at step $done_step, not $target: training goes on"
+    fi
+  fi
   if [[ -n "$CKPTS" ]]; then
     ckpt="$CKPTS/$row.ckpt"
     [[ $DRY == 1 || -f "$ckpt" ]] || die "--checkpoints $CKPTS: no $row.ckpt there"
@@ -190,7 +240,20 @@ for row in $ROWS; do
     [[ "$trainer" == enh ]] && eval_config="configs/$config.yaml"
   elif [[ "$trainer" == ldm ]]; then
     # latent-diffusion's main.py (patched for Lightning 2): logs/checkpoints go to <run_dir>/<time>_<name>/.
-    train_args=(--base "$config" -t --logdir "$run_dir")
+    # One run folder per row: an unfinished row resumes in it (-r keeps its folder, config and step).
+    mapfile -t prior < <(ls -d "$run_dir"/*/ 2>/dev/null | sort)
+    if (( ${#prior[@]} > 1 )); then
+      die "row $row: $run_dir holds ${#prior[@]} runs; evaluating one of them would mix runs. Keep one, or pass --fresh"
+    elif (( ${#prior[@]} == 1 )) && [[ -f "${prior[0]%/}/checkpoints/last.ckpt" ]]; then
+      echo "reproduce.sh: $row resumes ${prior[0]%/} from its last.ckpt (step $("$PYTHON" scripts/lib/checkpoints.py step "${prior[0]%/}/checkpoints/last.ckpt"))"
+      train_args=(-r "${prior[0]%/}" -t)
+    else
+      if (( ${#prior[@]} == 1 )); then  # a run that died before its first save: keep its logs aside
+        aside="$OUT/previous/$(date +%Y%m%dT%H%M%S)/$row"; mkdir -p "$aside"; mv "${prior[0]%/}" "$aside/"
+        echo "reproduce.sh: $row's earlier run had no checkpoint; moved to $aside, starting over"
+      fi
+      train_args=(--base "$config" -t --logdir "$run_dir")
+    fi
     [[ -n "$SEED" ]] && train_args+=(--seed "$SEED")
     if [[ "$SCALE" == tiny ]]; then
       train_args+=("lightning.trainer.max_steps=$VQGAN_STEPS" "model.base_learning_rate=$VQGAN_LR")
@@ -202,6 +265,7 @@ for row in $ROWS; do
     fi
     # shellcheck disable=SC2206  # overrides are space-separated key=value words
     extra=($overrides)
+    [[ "${train_args[0]}" == -r ]] && extra=()  # the resumed run's saved config already holds them
     run "$PYTHON" third_party/latent-diffusion/main.py "${train_args[@]}" "${extra[@]}"
     log_dir=$(ls -d "$run_dir"/*/ 2>/dev/null | sort | tail -n 1 || true)
     log_dir="${log_dir:-$run_dir/<time>_<name>}"  # (the placeholder only shows in --dry-run)
@@ -220,9 +284,18 @@ for row in $ROWS; do
       enh_args=(-c "$config" -lr 1e-4 -e 10 -ng "$NGPU" -l tensorboard -o "$run_dir")
     fi
     [[ -n "$SEED" ]] && enh_args+=(-s "$SEED")
+    # One folder per row (ENHANCING_RUN_ID): an unfinished row resumes from the checkpoint with the highest stored
+    # step (file names sort as text: epoch=99 after epoch=121), never from an earlier run's leftover by name.
+    ckdir="$run_dir/$config/$row/ckpt"
+    if [[ $DRY == 0 ]] && compgen -G "$ckdir/*.ckpt" > /dev/null; then
+      resume_from=$("$PYTHON" scripts/lib/checkpoints.py newest "$ckdir")
+      echo "reproduce.sh: $row resumes from $resume_from (step $("$PYTHON" scripts/lib/checkpoints.py step "$resume_from"))"
+      enh_args+=(-r "$resume_from")
+    fi
     run env ENHANCING_RUN_ID="$row" "$PYTHON" third_party/enhancing-transformers/main.py "${enh_args[@]}"
-    ckpt=$(ls "$run_dir/$config/$row"/ckpt/*.ckpt 2>/dev/null | sort | tail -n 1 || true)
-    ckpt="${ckpt:-$run_dir/$config/$row/ckpt/<last epoch>.ckpt}"
+    ckpt=""
+    [[ $DRY == 0 ]] && ckpt=$("$PYTHON" scripts/lib/checkpoints.py newest "$ckdir" || true)
+    ckpt="${ckpt:-$ckdir/<newest by stored step>.ckpt}"
     eval_config="configs/$config.yaml"
   fi
   [[ $DRY == 1 || -f "$ckpt" ]] || die "row $row: training left no checkpoint (looked for ${ckpt:-a .ckpt under $run_dir})"
@@ -252,7 +325,9 @@ for row in $ROWS; do
   fi
 done
 
-run "$PYTHON" scripts/make_tables.py "$OUT/results" --out "$REPORT" --overwrite --command "$INVOCATION"  # --report names its folder
+tables=("$PYTHON" scripts/make_tables.py "$OUT/results" --out "$REPORT" --command "$INVOCATION")
+(( OVERWRITE == 1 )) && tables+=(--overwrite)  # a report made from other records is replaced only when asked
+run "${tables[@]}"
 # The report folder keeps the records it was made from (and their example reconstructions), so it stands alone.
 if [[ $DRY == 0 && "$(cd "$REPORT" && pwd)" != "$(cd "$OUT/results" && pwd)" ]]; then
   mkdir -p "$REPORT/results"

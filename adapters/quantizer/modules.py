@@ -7,6 +7,7 @@ enhancing-transformers' ``VectorQuantizer`` interface (l2-normalised lookup, ``(
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -16,6 +17,7 @@ from taming.modules.vqvae.quantize import VectorQuantizer2
 from torch import Tensor
 
 from .functional import check_gradient, rotation_trick
+from .kmeans import check_codebook_init, kmeans_codebook
 from .search import check_search, find_nearest
 from .stats import CodebookStats
 
@@ -32,15 +34,27 @@ class RotationVectorQuantizer(VectorQuantizer2):
       search_chunk_size: rows per block of the blocked search (default: blocks of at most ``search_max_bytes``),
         bounding its memory; indices equal the full distance matrix's.
       track_stats: keep codebook statistics (``last_stats``, ``epoch_stats()``); they never enter the state dict.
+      codebook_init: ``upstream`` (default: the parent class's draw, untouched) or ``kmeans``: on the first training
+        forward, before any optimizer step, the codebook is set by k-means on that batch's encoder outputs
+        (``kmeans.py``; spherical in ``use_norm`` mode), computed on rank 0 and broadcast under torch.distributed.
+        A codebook that arrives through ``load_state_dict`` (``ckpt_path:``, a resumed ``last.ckpt``, a released
+        checkpoint) is never re-initialised. The pending flag is a plain attribute: no new state-dict key.
+      kmeans_iters: Lloyd iterations after the k-means++ seeding (default 10).
     """
 
     def __init__(self, n_e: int, e_dim: int, beta: float = 0.25, remap: Optional[str] = None,
                  unknown_index: Any = "random", sane_index_shape: bool = False, legacy: bool = True,
                  gradient: str = "rotation", use_norm: bool = False, search_chunk_size: Optional[int] = None,
-                 search_max_bytes: int = 64 * 2**20, track_stats: bool = True, search: str = "auto") -> None:
+                 search_max_bytes: int = 64 * 2**20, track_stats: bool = True, search: str = "auto",
+                 codebook_init: str = "upstream", kmeans_iters: int = 10) -> None:
         super().__init__(n_e, e_dim, beta, remap=remap, unknown_index=unknown_index,
                          sane_index_shape=sane_index_shape, legacy=legacy)
         self.gradient = check_gradient(gradient)
+        self.codebook_init = check_codebook_init(codebook_init)
+        if int(kmeans_iters) < 0:
+            raise ValueError(f"kmeans_iters must be a non-negative number of Lloyd iterations, got {kmeans_iters}")
+        self.kmeans_iters = int(kmeans_iters)
+        self.codebook_init_pending = self.codebook_init == "kmeans"
         self.search = check_search(search)
         self.use_norm = bool(use_norm)
         if search_chunk_size is not None and search_chunk_size <= 0:
@@ -68,6 +82,36 @@ class RotationVectorQuantizer(VectorQuantizer2):
     def reset_stats(self) -> None:
         self.stats.reset()
 
+    # --- codebook initialisation --------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A codebook that comes from a state dict is trained (or chosen) already: never overwrite it by k-means.
+        if prefix + "embedding.weight" in state_dict:
+            self.codebook_init_pending = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def adopt_initial_codebook(self, source: torch.nn.Module) -> None:
+        """Take a freshly built upstream quantizer's state (its initial draw) without cancelling a pending k-means
+        init: the wrappers copy upstream's codebook so that a seed draws the same one, which is not a trained one."""
+        pending = self.codebook_init_pending
+        self.load_state_dict(source.state_dict())
+        self.codebook_init_pending = pending
+
+    @torch.no_grad()
+    def init_codebook_from(self, z: Tensor) -> None:
+        """Set the codebook by k-means on encoder rows z (N, d): on rank 0, broadcast to every rank."""
+        weight = self.embedding.weight
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        if not distributed or torch.distributed.get_rank() == 0:
+            codebook = kmeans_codebook(z.float(), self.n_e, self.kmeans_iters, spherical=self.use_norm)
+        else:
+            codebook = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        codebook = codebook.to(weight.device)
+        if distributed:
+            torch.distributed.broadcast(codebook, src=0)
+        weight.copy_(codebook.to(weight.dtype))
+        self.codebook_init_pending = False
+
     # --- quantization ---------------------------------------------------------------------------------------
     def norm(self, x: Tensor) -> Tensor:
         """l2-normalise the last dimension in ``use_norm`` mode; identity otherwise."""
@@ -75,6 +119,8 @@ class RotationVectorQuantizer(VectorQuantizer2):
 
     def quantize_flat(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Quantize rows. z: (N, d). Returns (output (N, d), codebook loss (0-d), indices (N,))."""
+        if self.codebook_init_pending and self.training:
+            self.init_codebook_from(z.detach())
         with torch.autocast(device_type=z.device.type, enabled=False):
             # The search runs in fp32 even under autocast: fp16 distances mis-rank close codes.
             idx = find_nearest(self.norm(z.detach().float()), self.norm(self.embedding.weight.float()),
@@ -131,13 +177,20 @@ class NormRotationQuantizer(RotationVectorQuantizer):
     def __init__(self, embed_dim: int, n_embed: int, beta: float = 0.25, use_norm: bool = True,
                  use_residual: bool = False, num_quantizers: Optional[int] = None, gradient: str = "rotation",
                  search_chunk_size: Optional[int] = None, track_stats: bool = True, search: str = "auto",
-                 search_max_bytes: int = 64 * 2**20, **kwargs: Any) -> None:
+                 search_max_bytes: int = 64 * 2**20, codebook_init: str = "upstream", kmeans_iters: int = 10,
+                 **kwargs: Any) -> None:
+        if kwargs:
+            # Upstream's VectorQuantizer swallows unknown keys; a misspelt option must not silently do nothing.
+            valid = [p for p in inspect.signature(NormRotationQuantizer.__init__).parameters
+                     if p not in ("self", "kwargs")]
+            raise ValueError(f"unknown quantizer option(s) {sorted(kwargs)}; valid: {', '.join(valid)}")
         if use_residual:
             raise ValueError("use_residual (residual VQ) is not supported by the rotation-trick quantizer; "
                              "set quantizer.use_residual: false")
         super().__init__(n_embed, embed_dim, beta, legacy=False, gradient=gradient, use_norm=use_norm,
                          search_chunk_size=search_chunk_size, search_max_bytes=search_max_bytes,
-                         track_stats=track_stats, search=search)
+                         track_stats=track_stats, search=search, codebook_init=codebook_init,
+                         kmeans_iters=kmeans_iters)
         self.embedding.weight.data.normal_()
         self.embed_dim = embed_dim
         self.n_embed = n_embed
