@@ -40,9 +40,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from adapters import metrics as M
+from adapters.errors import UserError
+from adapters.records import dumps_record
 # Config and checkpoint loading, re-exported: callers use adapters.evaluation.load_model etc.
-from adapters.model_loading import (LoadedModel, get_obj_from_str, get_quantizer, instantiate,  # noqa: F401
-                                    load_config, load_model, model_family, sha256_file)
+from adapters.model_loading import (LoadedModel, build_from_config, get_obj_from_str, get_quantizer,  # noqa: F401
+                                    instantiate, load_config, load_model, model_family, sha256_file)
 
 SCHEMA = "rotation-trick-eval/1"
 
@@ -240,13 +242,25 @@ def init_distributed() -> tuple[int, int]:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``--device`` -> a torch device this machine has; anything else is a ``UserError`` (one line, what to use)."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:  # torch's message lists every device type it knows, over several lines
+        raise UserError(f"--device {device}: not a device name; use auto (CUDA when present), cpu, cuda or "
+                        f"cuda:N") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None else
+                   "torch sees no CUDA GPU")
+            raise UserError(f"--device {device}: CUDA is not available on this machine ({why}); use --device cpu, "
+                            f"or --device auto to take a GPU only where there is one")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of those")
     return dev
 
 
@@ -276,8 +290,8 @@ def valid_rec_loss(model: nn.Module, family: str, qloss: Tensor, x: Tensor, xrec
         _, log = model.loss(qloss, x, xrec, 0, model.global_step, batch_idx,
                             last_layer=model.decoder.get_last_layer(), split="val")
     if "val/rec_loss" not in log:
-        raise KeyError(f"{type(model.loss).__name__} logged no val/rec_loss (keys: {sorted(log)}); "
-                       f"use --no-valid-loss for this model")
+        raise UserError(f"the loss module {type(model.loss).__name__} logs no val/rec_loss (it logs "
+                        f"{', '.join(sorted(log)) or 'nothing'}): pass --no-valid-loss (valid_loss=False) for this model")
     return float(log["val/rec_loss"])
 
 
@@ -545,7 +559,7 @@ def config_validation_dataset(cfg: DictConfig) -> Dataset:
     for section in ("data", "dataset"):
         node = cfg.get(section, None)
         if node is not None and node.get("params", None) is not None and "validation" in node.params:
-            return instantiate(node.params.validation)
+            return build_from_config(node.params.validation, f"{section}.params.validation")
     raise ValueError("the config names no validation dataset (data.params.validation or dataset.params.validation); "
                      "pass --data-root (ImageNet folder) or --offline-photos")
 
@@ -649,7 +663,7 @@ def run_evaluation(config: str | os.PathLike | Sequence[str | os.PathLike], chec
             png = out.with_suffix(".png")
             save_examples(result.examples, png)
             record["examples_png"] = png.name
-        out.write_text(json.dumps(record, indent=1, default=_json_default) + "\n")
+        out.write_text(dumps_record(record, default=_json_default))  # number lists on one line (issue 17)
     return record
 
 

@@ -153,10 +153,10 @@ def find_log_dir(rec: Mapping[str, Any], extra_roots: Sequence[Path] = ()) -> Op
         return None
     p = Path(ckpt).parent
     for _ in range(4):
-        if any(p.rglob("metrics.csv")) or any(p.rglob("events.out.tfevents.*")):
-            return p
-        if p.parent == p:
+        if p.parent == p:  # never search a whole filesystem for logs
             break
+        if p.is_dir() and (any(p.rglob("metrics.csv")) or any(p.rglob("events.out.tfevents.*"))):
+            return p
         p = p.parent
     return None
 
@@ -452,7 +452,9 @@ OUTPUT_FILES = tuple(f"{stem}{table}.{ext}" for table in (3, 4) for stem, ext in
 
 def record_digests(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """sha256 of each record file, sorted: what identifies the records a report was made from."""
-    return sorted(hashlib.sha256(Path(r["_path"]).read_bytes()).hexdigest() for r in records)
+    # Of the parsed content, not the bytes: a record rewritten in the compact form (adapters.records) is the same record.
+    return sorted(hashlib.sha256(json.dumps(json.loads(Path(r["_path"]).read_text()), sort_keys=True).encode())
+                  .hexdigest() for r in records)
 
 
 def prepare_out(out: Path, digests: list[str], overwrite: bool) -> None:

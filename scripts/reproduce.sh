@@ -299,6 +299,11 @@ for row in $ROWS; do
     eval_config="configs/$config.yaml"
   fi
   [[ $DRY == 1 || -f "$ckpt" ]] || die "row $row: training left no checkpoint (looked for ${ckpt:-a .ckpt under $run_dir})"
+  if [[ $DRY == 0 && -z "$CKPTS" && "$SCALE" == small ]]; then
+    # Evaluate the step that was asked for, never a leftover of an earlier, longer run in the same folder.
+    got=$("$PYTHON" scripts/lib/checkpoints.py step "$ckpt")
+    [[ "$got" == "$target" ]] || die "row $row: its newest checkpoint ($ckpt) is at step $got, not $target: an earlier run of this row went elsewhere. Pass --fresh to start the row over (the earlier run is kept aside), or ask for --steps to match"
+  fi
 
   eval_args=(--config "$eval_config" --checkpoint "$ckpt" --out "$OUT/results/$row.json" --label "$label")
   [[ -n "$setting" ]] && eval_args+=(--setting "$setting")

@@ -14,6 +14,7 @@ quantization error against step: mean over seeds, band = min..max over seeds).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -24,10 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from adapters.records import dumps_record  # noqa: E402
+
 # metric key -> (column title, True if higher is better, format)
 METRICS: dict[str, tuple[str, bool, str]] = {
     "codebook_usage_per_batch": ("usage / batch", True, "pct"),
     "codebook_usage_whole_set": ("usage / set", True, "pct"),
+    "perplexity_whole_set": ("perplexity (set)", True, "f1"),
     "dead_codes": ("dead codes (set)", False, "int"),
     "quant_error": ("quant. error / vector", False, "sci"),
     "quant_error_per_dim": ("quant. error / element", False, "sci"),
@@ -35,7 +39,47 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "psnr": ("PSNR (dB)", True, "f2"),
     "ssim": ("SSIM", True, "f3"),
 }
-FAMILIES = {"vqgan": "Table 3 regime: VQGAN, 8192 codes x 3", "vit": "Table 4 regime: ViT-VQGAN, 8192 codes x 32"}
+# Row-name prefix -> title; the longest matching prefix names a row's family (vqgan_regime_ste is not a vqgan_ row).
+FAMILIES = {"vqgan": "Table 3 regime: VQGAN, 8192 codes x 3",
+            "vqgan_regime": "Regime arm: VQGAN, 128 codes x 3 (8 latent vectors per code in a batch, as the paper)",
+            "vit": "Table 4 regime: ViT-VQGAN, 8192 codes x 32"}
+# (row suffix, baseline suffix, what the difference means) compared within a family, paired by seed.
+PAIRS: tuple[tuple[str, str, str], ...] = (("rot", "ste", "rotation (released) - STE"),
+                                           ("rot_paper", "ste", "rotation (paper's formula) - STE"),
+                                           ("rot", "rot_paper", "released - paper's formula"))
+SCHEMA_PREFIX = "rotation-trick-eval/"
+
+
+def family_of(row: str) -> Optional[str]:
+    fams = [f for f in FAMILIES if row.startswith(f + "_")]
+    return max(fams, key=len) if fams else None
+
+
+def config_fingerprint(rec: Mapping[str, Any]) -> str:
+    """What must be equal for two records to be compared: the training config without the estimator (the one thing
+    the arms of a comparison differ in), and the evaluation data. 12 hex digits of a sha256."""
+    cfg = json.loads(json.dumps(rec.get("config") or {}, default=str))
+    params = (cfg.get("model") or {}).get("params") or {}
+    params.pop("gradient", None)
+    data = {k: v for k, v in (rec.get("data") or {}).items() if k not in ("batch_size",)}
+    blob = json.dumps({"config": cfg, "data": data}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, val in node.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Dotted config keys whose values differ between two records (the estimator aside)."""
+    fa, fb = (_flat(json.loads(json.dumps(r.get("config") or {}, default=str))) for r in (a, b))
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k != "model.params.gradient")
+
+
+def step_of(rec: Mapping[str, Any]) -> Optional[int]:
+    return (rec.get("checkpoint") or {}).get("global_step")
 
 
 def metrics_of(rec: Mapping[str, Any]) -> dict[str, Optional[float]]:
@@ -54,7 +98,7 @@ def fmt(v: Optional[float], kind: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return {"pct": f"{100 * v:.2f}%", "int": f"{v:.0f}", "sci": f"{v:.2e}", "f4": f"{v:.4f}", "f2": f"{v:.2f}",
-            "f3": f"{v:.3f}"}[kind]
+            "f3": f"{v:.3f}", "f1": f"{v:.1f}"}[kind]
 
 
 def mean_std(vals: Sequence[float]) -> tuple[float, float]:
@@ -65,7 +109,8 @@ def mean_std(vals: Sequence[float]) -> tuple[float, float]:
 
 
 def verdict(diffs: Sequence[float], higher_better: bool) -> tuple[str, str]:
-    """(verdict, basis) for paired differences rotation - STE over seeds."""
+    """(verdict, basis) for paired differences row - baseline over seeds: ``better`` / ``worse`` (for the row) only
+    when every seed agrees in sign, else ``no clear difference``; the basis gives the count and a paired t."""
     if len(diffs) < 2:
         return "no clear difference", f"only {len(diffs)} seed"
     better = [(d > 0) if higher_better else (d < 0) for d in diffs]
@@ -74,14 +119,15 @@ def verdict(diffs: Sequence[float], higher_better: bool) -> tuple[str, str]:
     t = mu / (sd / math.sqrt(len(diffs))) if sd and sd > 0 else float("inf") if mu else 0.0
     basis_t = f"paired t = {t:.2f}, {len(diffs) - 1} dof"
     if all(better):
-        return "rotation better", f"all {len(diffs)} seeds agree ({basis_t})"
+        return "better", f"all {len(diffs)} seeds agree ({basis_t})"
     if all(worse):
-        return "rotation worse", f"all {len(diffs)} seeds agree ({basis_t})"
+        return "worse", f"all {len(diffs)} seeds agree ({basis_t})"
     return "no clear difference", f"seeds disagree: {sum(better)} better, {sum(worse)} worse ({basis_t})"
 
 
-def collect(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
-    """row -> seed -> record (with ``_path``)."""
+def collect(out: Path, label: Optional[str] = None) -> dict[str, dict[int, dict[str, Any]]]:
+    """row -> seed -> record (with ``_path``), from OUT/seed_<S>/results/*.json; rows are ``label/row`` with a
+    label. A file that is not an evaluation record (another schema) is named on stderr and left out."""
     rows: dict[str, dict[int, dict[str, Any]]] = {}
     for seed_dir in sorted(out.glob("seed_*")):
         try:
@@ -90,9 +136,62 @@ def collect(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
             continue
         for f in sorted((seed_dir / "results").glob("*.json")):
             rec = json.loads(f.read_text())
+            if not str(rec.get("schema", "")).startswith(SCHEMA_PREFIX):
+                print(f"seed_summary: {f} is not an evaluation record (schema {rec.get('schema')!r}); left out",
+                      file=sys.stderr)
+                continue
             rec["_path"] = str(f)
-            rows.setdefault(f.stem, {})[seed] = rec
+            rows.setdefault(f"{label}/{f.stem}" if label else f.stem, {})[seed] = rec
     return rows
+
+
+def compare(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], row: str, base: str, meaning: str,
+            setting_varies: bool = False) -> dict[str, Any]:
+    """Paired comparison of two rows over their common seeds. Records that differ in step or in config (estimator
+    aside) are not compared: the result says which differ instead of giving verdicts (issue 16, item 9). With
+    ``setting_varies`` (the same row under two settings, e.g. the init) the config differences are the point: they
+    are listed in ``config_differs_in`` and the rows are compared when the steps agree."""
+    seeds = sorted(set(rows[row]) & set(rows[base]))
+    result: dict[str, Any] = {"row": row, "baseline": base, "meaning": meaning, "seeds": seeds, "metrics": {}}
+    recs = [rows[r][s] for r in (row, base) for s in seeds]
+    steps = sorted({str(step_of(r)) for r in recs})
+    prints = {config_fingerprint(r) for r in recs}
+    problems = []
+    if len(steps) > 1:
+        problems.append("steps differ: " + ", ".join(f"{r} seed {s} at {step_of(rows[r][s])}"
+                                                     for r in (row, base) for s in seeds))
+    if setting_varies:
+        result["config_differs_in"] = sorted({k for s in seeds for k in config_diff(rows[row][s], rows[base][s])})
+    elif len(prints) > 1:
+        problems.append("configs differ beyond the estimator: " + ", ".join(
+            f"{r} seed {s} {config_fingerprint(rows[r][s])}" for r in (row, base) for s in seeds))
+    result["step"] = steps[0] if len(steps) == 1 else None
+    if problems:
+        result["not_comparable"] = "; ".join(problems)
+        return result
+    for k, (_, hb, _) in METRICS.items():
+        a = [metrics_of(rows[row][s])[k] for s in seeds]
+        b = [metrics_of(rows[base][s])[k] for s in seeds]
+        if any(v is None for v in a + b):
+            continue
+        diffs = [x - y for x, y in zip(a, b)]
+        v, basis = verdict(diffs, hb)
+        result["metrics"][k] = {"diffs": diffs, "verdict": v, "basis": basis}
+    return result
+
+
+def comparison_lines(c: Mapping[str, Any]) -> list[str]:
+    head = f"**{c['row']} vs {c['baseline']}** ({c['meaning']}; paired by seed; seeds {', '.join(map(str, c['seeds']))}"
+    head += f"; step {c['step']}" if c.get("step") else ""
+    head += f"; configs differ in {', '.join(c['config_differs_in']) or 'nothing'})" if "config_differs_in" in c else ")"
+    if c.get("not_comparable"):
+        return [head + ": **not compared**, " + c["not_comparable"], ""]
+    lines = [head + ":", "", f"| metric | {c['row']} - {c['baseline']} per seed | verdict for {c['row']} | basis |",
+             "|---|---|---|---|"]
+    for k, m in c["metrics"].items():
+        title, _, kind = METRICS[k]
+        lines.append(f"| {title} | {', '.join(fmt(d, kind) for d in m['diffs'])} | {m['verdict']} | {m['basis']} |")
+    return lines + [""]
 
 
 def training_series(rec: Mapping[str, Any]) -> dict[str, list[tuple[int, float]]]:
@@ -119,14 +218,17 @@ def plot_bands(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], family: str,
     import numpy as np
     from make_tables import finish_curves
 
-    names = [r for r in rows if r.startswith(family + "_")]
+    names = [r for r in rows if family_of(r.split("/")[-1]) == family]
     if not names:
         return False
     colours = {"ste": "tab:blue", "rot": "tab:red", "rot_paper": "tab:green"}
+    styles = {label: style for label, style in zip(sorted({r.split("/")[0] for r in names if "/" in r}),
+                                                   ("-", "--", ":", "-."))}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
     drawn = False
     for row in sorted(names):
-        kind = row[len(family) + 1:]
+        kind = row.split("/")[-1][len(family) + 1:]
+        style = styles.get(row.split("/")[0], "-") if "/" in row else "-"
         per_seed = [training_series(rec) for rec in rows[row].values()]
         for ax, name in zip(axes, ("codebook_usage", "quant_error")):
             curves = [dict(s[name]) for s in per_seed if name in s]
@@ -137,80 +239,109 @@ def plot_bands(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], family: str,
                 continue
             v = np.array([[c[t] for t in steps] for c in curves])
             ax.fill_between(steps, v.min(0), v.max(0), color=colours.get(kind), alpha=0.2)
-            ax.plot(steps, v.mean(0), color=colours.get(kind), label=f"{row} ({len(curves)} seeds)")
+            ax.plot(steps, v.mean(0), style, color=colours.get(kind), label=f"{row} ({len(curves)} seeds)")
             drawn = True
     return finish_curves(fig, axes, drawn, f"{FAMILIES[family]}: mean over seeds, band = min..max", path)
 
 
-def summarise(out: Path, report: Path, command: Optional[str] = None, wall_seconds: Optional[float] = None,
-              plots: bool = True) -> dict[str, Any]:
-    rows = collect(out)
+def curve_points(rec: Mapping[str, Any], every: int = 50) -> dict[str, list[list[float]]]:
+    """Training usage and quantization error every ``every`` steps ([[step, ...], [value, ...]]), for the summary:
+    the figures can be redrawn from it without the run folders."""
+    out = {}
+    for name, pts in training_series(rec).items():
+        kept = [(s, v) for s, v in pts if s % every == 0 or s == pts[-1][0]]
+        out[name] = [[float(s) for s, _ in kept], [float(v) for _, v in kept]]
+    return out
+
+
+def records_digest(rows: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[str]:
+    from make_tables import record_digests
+
+    return record_digests([r for per in rows.values() for r in per.values()])
+
+
+def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command: Optional[str] = None,
+              wall_seconds: Optional[float] = None, plots: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for label, out in outs:
+        rows.update(collect(out, label))
+    digests = records_digest(rows)
+    old = report / "seeds.json"
+    if old.is_file() and not overwrite and json.loads(old.read_text()).get("records") not in (None, digests):
+        raise SystemExit(f"seed_summary: {old} was made from other records; write to another folder, or add "
+                         "--overwrite to replace it")
     report.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"command": command, "wall_seconds": wall_seconds, "rows": {}, "comparisons": []}
+    summary: dict[str, Any] = {"command": command, "wall_seconds": wall_seconds, "records": digests, "rows": {},
+                               "comparisons": []}
     lines = ["# Across-seed summary", ""]
     if command:
         lines += [f"Command: `{command}`" + (f" ({wall_seconds / 60:.1f} min wall)" if wall_seconds else ""), ""]
+    labels = [label for label, _ in outs]
     for family, title in FAMILIES.items():
-        fam_rows = sorted(r for r in rows if r.startswith(family + "_"))
+        fam_rows = sorted(r for r in rows if family_of(r.split("/")[-1]) == family)
         if not fam_rows:
             continue
-        lines += [f"## {title}", "", "| row | seed | step | " + " | ".join(t for t, _, _ in METRICS.values()) + " |",
-                  "|---|---|---|" + "---|" * len(METRICS)]
+        lines += [f"## {title}", "", "| row | seed | step | config | " + " | ".join(t for t, _, _ in METRICS.values())
+                  + " |", "|---|---|---|---|" + "---|" * len(METRICS)]
         for row in fam_rows:
             per = {s: metrics_of(r) for s, r in sorted(rows[row].items())}
-            summary["rows"][row] = {"per_seed": per, "steps": {s: r.get("checkpoint", {}).get("global_step")
-                                                             for s, r in rows[row].items()}}
+            entry: dict[str, Any] = {"per_seed": per, "steps": {s: step_of(r) for s, r in rows[row].items()},
+                                     "config": {s: config_fingerprint(r) for s, r in rows[row].items()},
+                                     "curves": {s: curve_points(r) for s, r in rows[row].items()}}
             for s, m in per.items():
-                step = rows[row][s].get("checkpoint", {}).get("global_step")
-                lines.append(f"| {row} | {s} | {step} | " + " | ".join(fmt(m[k], kind) for k, (_, _, kind)
-                                                                       in METRICS.items()) + " |")
+                lines.append(f"| {row} | {s} | {step_of(rows[row][s])} | {config_fingerprint(rows[row][s])} | "
+                             + " | ".join(fmt(m[k], kind) for k, (_, _, kind) in METRICS.items()) + " |")
             ms = {}
             for k, (_, _, kind) in METRICS.items():
                 vals = [m[k] for m in per.values() if m[k] is not None]
                 ms[k] = mean_std(vals) if vals else None
-            summary["rows"][row]["mean_std"] = ms
-            lines.append(f"| **{row}** | mean ± std | | " + " | ".join(
+            entry["mean_std"] = ms
+            summary["rows"][row] = entry
+            lines.append(f"| **{row}** | mean ± std | | | " + " | ".join(
                 "-" if ms[k] is None else f"{fmt(ms[k][0], kind)} ± {fmt(ms[k][1], kind)}"
                 for k, (_, _, kind) in METRICS.items()) + " |")
         lines.append("")
-        base = f"{family}_ste"
-        for row in fam_rows:
-            if row == base or base not in rows:
-                continue
-            seeds = sorted(set(rows[row]) & set(rows[base]))
-            lines += [f"**{row} vs {base}** (paired by seed; seeds {', '.join(map(str, seeds))}):", "",
-                      "| metric | rotation - STE per seed | verdict | basis |", "|---|---|---|---|"]
-            for k, (title, hb, kind) in METRICS.items():
-                a = [metrics_of(rows[row][s])[k] for s in seeds]
-                b = [metrics_of(rows[base][s])[k] for s in seeds]
-                if any(v is None for v in a + b):
-                    continue
-                diffs = [x - y for x, y in zip(a, b)]
-                v, basis = verdict(diffs, hb)
-                summary["comparisons"].append({"row": row, "baseline": base, "metric": k, "diffs": diffs,
-                                               "verdict": v, "basis": basis})
-                dk = "sci" if kind in ("sci",) else kind
-                lines.append(f"| {title} | {', '.join(fmt(d, dk) for d in diffs)} | {v} | {basis} |")
-            lines.append("")
+        for label in labels:  # within one OUT: the estimator pairs
+            pre = f"{label}/" if label else ""
+            for a, b, meaning in PAIRS:
+                row, base = f"{pre}{family}_{a}", f"{pre}{family}_{b}"
+                if row in rows and base in rows:
+                    c = compare(rows, row, base, meaning)
+                    summary["comparisons"].append(c)
+                    lines += comparison_lines(c)
+        for i, la in enumerate(labels):  # across OUTs: the same row under another setting (e.g. the init)
+            for lb in labels[i + 1:]:
+                for row in sorted({r.split("/", 1)[1] for r in fam_rows if r.startswith(f"{la}/")}):
+                    if f"{lb}/{row}" in rows:
+                        c = compare(rows, f"{la}/{row}", f"{lb}/{row}", f"{la} - {lb}", setting_varies=True)
+                        summary["comparisons"].append(c)
+                        lines += comparison_lines(c)
         if plots and plot_bands(rows, family, report / f"training_seeds_{family}.png"):
             lines += [f"![training curves]({f'training_seeds_{family}.png'})", ""]
-    lines += ["Verdicts: 'better'/'worse' only when every seed agrees in sign; with 3 seeds that is a sign test at "
-              "p = 0.25 (one-sided), weak evidence on its own.", ""]
+    lines += ["Verdicts: 'better'/'worse' (for the first row of the pair) only when every seed agrees in sign; with 3 "
+              "seeds that is a sign test at p = 0.25 (one-sided), weak evidence on its own. Rows are compared only "
+              "when their records share the step and the config (estimator aside; column `config`).", ""]
     (report / "seeds.md").write_text("\n".join(lines))
-    (report / "seeds.json").write_text(json.dumps(summary, indent=1, default=str))
+    (report / "seeds.json").write_text(dumps_record(summary, default=str))
     print("\n".join(lines))
     return summary
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="reproduce.sh --out folder holding seed_<S>/results/*.json")
+    p.add_argument("outs", nargs="+", metavar="[LABEL=]OUT",
+                   help="reproduce.sh --out folder(s) holding seed_<S>/results/*.json; with several, give each a label "
+                        "(kmeans=outputs/a upstream=outputs/b): rows become LABEL/row and equal rows are compared across")
     p.add_argument("--out", dest="report", required=True, help="report folder")
     p.add_argument("--command", default=None)
     p.add_argument("--wall-seconds", type=float, default=None)
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a summary made from other records")
     a = p.parse_args(argv)
-    return summarise(Path(a.out), Path(a.report), a.command, a.wall_seconds, not a.no_plots)
+    outs = [(o.split("=", 1)[0], Path(o.split("=", 1)[1])) if "=" in o else (None, Path(o)) for o in a.outs]
+    if len(outs) > 1 and any(label is None for label, _ in outs):
+        p.error("with several OUT folders, give each a label: LABEL=OUT")
+    return summarise(outs, Path(a.report), a.command, a.wall_seconds, not a.no_plots, a.overwrite)
 
 
 if __name__ == "__main__":

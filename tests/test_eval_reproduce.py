@@ -112,3 +112,34 @@ def test_small_configs_keep_the_papers_codebooks() -> None:
         vit = OmegaConf.load(ROOT / "configs" / f"small_{prefix}vitvqgan.yaml").model.params
         assert (vit.quantizer.n_embed, vit.quantizer.embed_dim, vit.gradient) == (8192, 32, grad)
         assert vit.quantizer.get("use_norm", True)
+
+
+def test_small_init_kmeans_and_regime_rows(tmp_path) -> None:
+    """--init kmeans: the VQGAN rows carry the config key, the ViT-VQGAN rows take the k-means configs; the regime
+    arm's rows differ only in the estimator; --init is refused where it is not wired."""
+    res = _run("--scale", "small", "--dry-run", "--init", "kmeans", "--steps", "2000", "--seed", "0",
+               "--rows", "vqgan_ste,vqgan_rot,vqgan_regime_ste,vqgan_regime_rot,vit_ste,vit_rot",
+               "--out", str(tmp_path / "o"))
+    assert res.returncode == 0, res.stderr
+    ldm = _commands(res.stdout, "latent-diffusion/main.py")
+    enh = _commands(res.stdout, "enhancing-transformers/main.py")
+    assert len(ldm) == 4 and all(c.endswith("model.params.quantizer_config.codebook_init=kmeans") or
+                                 "codebook_init=kmeans" in c for c in ldm)
+    regime = [c for c in ldm if "small_regime_vqgan.yaml" in c]
+    assert len(regime) == 2 and sum("model.params.gradient=ste" in c for c in regime) == 1
+    assert {re.search(r"-c (\S+)", c).group(1) for c in enh} == {"small_kmeans_vitvqgan", "small_kmeans_rot_vitvqgan"}
+    assert all("-e 63 " in c for c in enh)  # 2000 steps -> 63 whole epochs of 32
+    assert "k-means init" in res.stdout
+    res = _run("--scale", "tiny", "--dry-run", "--init", "kmeans", "--out", str(tmp_path / "t"))
+    assert res.returncode == 2 and "--init kmeans is wired for --scale small only" in res.stderr
+    res = _run("--scale", "small", "--dry-run", "--init", "random", "--out", str(tmp_path / "t"))
+    assert res.returncode == 2 and "--init takes upstream or kmeans" in res.stderr
+
+
+def test_regime_config_differs_from_the_small_one_only_in_the_codebook_size() -> None:
+    from adapters.model_loading import load_config
+
+    a, b = load_config(ROOT / "configs" / "small_regime_vqgan.yaml"), load_config(ROOT / "configs" / "small_rot_vqgan.yaml")
+    assert a.model.params.n_embed == 128 and b.model.params.n_embed == 8192
+    a.model.params.n_embed = 8192
+    assert a == b

@@ -1,0 +1,157 @@
+"""Compact evaluation records (issue 17, item 5) and the across-seed summary's comparability checks (issue 16,
+items 4 and 9): both record forms read the same, records at other steps or configs are never compared."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+from adapters.records import dumps_record, rewrite_compact
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import make_tables  # noqa: E402
+import seed_summary  # noqa: E402
+
+
+REAL = json.loads((ROOT / "docs" / "report" / "small" / "seed_0" / "results" / "vqgan_rot.json").read_text())
+
+
+def _record(row: str, gradient: str, seed: int, step: int = 2000, usage: float = 0.1, loss: float = 0.2,
+            lr: float = 2.5e-5) -> dict:
+    """A real committed record (192-step small VQGAN) with the fields under test set."""
+    rec = json.loads(json.dumps(REAL))
+    rec["config"]["model"]["base_learning_rate"] = lr
+    rec["config"]["model"]["params"]["gradient"] = gradient
+    rec["checkpoint"].update(path=f"/nowhere/{row}/{seed}.ckpt", global_step=step)
+    rec["row"].update(gradient=gradient, approach="rotation" if gradient != "ste" else "ste",
+                      label=f"{row} (seed {seed})")
+    used = round(usage * 2 * 8192)
+    rec["metrics"].update(codebook_usage_per_batch=usage, codebook_usage_whole_set=used / 8192,
+                          used_codes_whole_set=used, valid_loss=loss)
+    rec["code_counts"] = [1 + (i * 7 + seed) % 13 if i < used else 0 for i in range(8192)]
+    rec["nested"] = [{"a": [1, 2]}, "text [1, 2]"]
+    return rec
+
+
+def test_compact_form_is_the_same_json_on_few_lines() -> None:
+    rec = _record("vqgan_rot", "rotation_released", 0)
+    text = dumps_record(rec)
+    assert json.loads(text) == rec
+    assert len(text.splitlines()) < 300  # 8,192 counts on one line; indent=1 took ~8,300 lines
+    assert len(json.dumps(rec, indent=1).splitlines()) > 8192
+
+
+def _write(out: Path, seed: int, row: str, rec: dict, compact: bool) -> Path:
+    f = out / f"seed_{seed}" / "results" / f"{row}.json"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(dumps_record(rec) if compact else json.dumps(rec, indent=1) + "\n")
+    return f
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_make_tables_and_seed_summary_read_both_forms_alike(tmp_path: Path, compact: bool) -> None:
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    for seed in (0, 1, 2):
+        for row, grad in (("vqgan_ste", "ste"), ("vqgan_rot", "rotation_released")):
+            rec = _record(row, grad, seed, usage=0.1 + 0.01 * seed + (0.05 if grad != "ste" else 0))
+            _write(ref, seed, row, rec, compact=False)
+            _write(out, seed, row, rec, compact=compact)
+    a, b = seed_summary.collect(ref), seed_summary.collect(out)
+    for row in a:
+        for seed in a[row]:
+            assert seed_summary.metrics_of(a[row][seed]) == seed_summary.metrics_of(b[row][seed])
+            assert a[row][seed]["code_counts"] == b[row][seed]["code_counts"]
+    assert seed_summary.records_digest(a) == seed_summary.records_digest(b)  # the same records, either form
+    ra = make_tables.load_records(sorted(ref.rglob("*.json")))
+    rb = make_tables.load_records(sorted(out.rglob("*.json")))
+    assert [r["metrics"] for r in ra] == [r["metrics"] for r in rb]
+
+
+def test_rewrite_compact_keeps_the_content(tmp_path: Path) -> None:
+    f = _write(tmp_path, 0, "vqgan_ste", _record("vqgan_ste", "ste", 0), compact=False)
+    before = json.loads(f.read_text())
+    assert rewrite_compact(f) and json.loads(f.read_text()) == before and not rewrite_compact(f)
+
+
+def test_no_record_under_docs_is_longer_than_1000_lines() -> None:
+    long = [str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.json")
+            if len(p.read_text().splitlines()) > 1000]
+    assert long == [], f"rewrite them with: python -m adapters.records {' '.join(long)}"
+
+
+def _summary(tmp_path: Path, records: dict, **kw) -> dict:
+    out = tmp_path / "runs"
+    for (seed, row), rec in records.items():
+        _write(out, seed, row, rec, compact=True)
+    return seed_summary.summarise([(None, out)], tmp_path / "report", plots=False, **kw)
+
+
+def _comparison(summary: dict, row: str, base: str) -> dict:
+    return next(c for c in summary["comparisons"] if c["row"] == row and c["baseline"] == base)
+
+
+def test_released_vs_paper_formula_is_compared_and_verdicts_follow_the_sign_rule(tmp_path: Path) -> None:
+    recs = {}
+    for seed in (0, 1, 2):
+        recs[(seed, "vqgan_ste")] = _record("vqgan_ste", "ste", seed, loss=0.30)
+        recs[(seed, "vqgan_rot")] = _record("vqgan_rot", "rotation_released", seed, loss=0.25 + 0.01 * seed)
+        recs[(seed, "vqgan_rot_paper")] = _record("vqgan_rot_paper", "rotation", seed, loss=0.24 + 0.02 * (seed == 1))
+    s = _summary(tmp_path, recs)
+    assert _comparison(s, "vqgan_rot", "vqgan_ste")["metrics"]["valid_loss"]["verdict"] == "better"
+    # released - paper: +0.01, -0.01 (seed 1: 0.26 vs 0.26 -> 0), +0.03: not every seed agrees
+    c = _comparison(s, "vqgan_rot", "vqgan_rot_paper")
+    assert c["meaning"] == "released - paper's formula"
+    assert c["metrics"]["valid_loss"]["verdict"] == "no clear difference"
+    assert "released - paper's formula" in (tmp_path / "report" / "seeds.md").read_text()
+
+
+def test_records_at_other_steps_or_configs_are_not_compared(tmp_path: Path) -> None:
+    recs = {}
+    for seed in (0, 1):
+        recs[(seed, "vqgan_ste")] = _record("vqgan_ste", "ste", seed)
+        recs[(seed, "vqgan_rot")] = _record("vqgan_rot", "rotation_released", seed, step=192 if seed else 2000)
+        recs[(seed, "vit_ste")] = _record("vit_ste", "ste", seed)
+        recs[(seed, "vit_rot")] = _record("vit_rot", "rotation_released", seed, lr=1e-4)  # another lr: stale record
+    s = _summary(tmp_path, recs)
+    c = _comparison(s, "vqgan_rot", "vqgan_ste")
+    assert c["metrics"] == {} and "steps differ" in c["not_comparable"] and "at 192" in c["not_comparable"]
+    c = _comparison(s, "vit_rot", "vit_ste")
+    assert c["metrics"] == {} and "configs differ beyond the estimator" in c["not_comparable"]
+    assert "not compared" in (tmp_path / "report" / "seeds.md").read_text()
+
+
+def test_an_existing_summary_is_not_overwritten_unasked(tmp_path: Path) -> None:
+    recs = {(0, "vqgan_ste"): _record("vqgan_ste", "ste", 0), (0, "vqgan_rot"): _record("vqgan_rot", "rotation", 0)}
+    _summary(tmp_path, recs)
+    _summary(tmp_path, recs)  # the same records: rewriting the same summary is fine
+    recs[(0, "vqgan_rot")] = _record("vqgan_rot", "rotation", 0, usage=0.5)
+    with pytest.raises(SystemExit, match="made from other records.*--overwrite"):
+        _summary(tmp_path, recs)
+    _summary(tmp_path, recs, overwrite=True)
+
+
+def test_cli_compares_the_same_row_across_labelled_runs(tmp_path: Path) -> None:
+    for label, usage in (("kmeans", 0.3), ("upstream", 0.01)):
+        for row, grad in (("vqgan_ste", "ste"), ("vqgan_rot", "rotation_released")):
+            rec = _record(row, grad, 0, usage=usage)
+            if label == "kmeans":
+                rec["config"]["model"]["params"]["quantizer_config"] = {"codebook_init": "kmeans"}
+            _write(tmp_path / label, 0, row, rec, compact=True)
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "seed_summary.py"), f"kmeans={tmp_path / 'kmeans'}",
+                          f"upstream={tmp_path / 'upstream'}", "--out", str(tmp_path / "r"), "--no-plots"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    s = json.loads((tmp_path / "r" / "seeds.json").read_text())
+    rows = {(c["row"], c["baseline"]) for c in s["comparisons"]}
+    assert ("kmeans/vqgan_rot", "kmeans/vqgan_ste") in rows
+    # across the init the configs differ by design (codebook_init): compared, and the difference is named
+    across = next(c for c in s["comparisons"] if c["row"] == "kmeans/vqgan_ste")
+    assert across["baseline"] == "upstream/vqgan_ste" and "not_comparable" not in across
+    assert across["config_differs_in"] == ["model.params.quantizer_config.codebook_init"]
+    assert across["metrics"]["codebook_usage_per_batch"]["diffs"] == [pytest.approx(0.29)]
+    assert "configs differ in model.params.quantizer_config.codebook_init" in (tmp_path / "r" / "seeds.md").read_text()
