@@ -291,7 +291,8 @@ def valid_rec_loss(model: nn.Module, family: str, qloss: Tensor, x: Tensor, xrec
                             last_layer=model.decoder.get_last_layer(), split="val")
     if "val/rec_loss" not in log:
         raise UserError(f"the loss module {type(model.loss).__name__} logs no val/rec_loss (it logs "
-                        f"{', '.join(sorted(log)) or 'nothing'}): pass --no-valid-loss (valid_loss=False) for this model")
+                        f"{', '.join(sorted(log)) or 'nothing'}): pass --no-valid-loss (valid_loss=False) for this "
+                        "model")
     return float(log["val/rec_loss"])
 
 

@@ -16,9 +16,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from adapters.errors import CheckpointMismatchError, UpstreamMissingError
+from adapters.errors import CheckpointMismatchError, UpstreamMissingError, UserError
 from adapters.released import is_released_config, translate_released_model_config
 from adapters.safe_load import load_checkpoint
 from adapters.upstream import UPSTREAM_TREES, upstream_imports
@@ -57,6 +58,37 @@ def instantiate(cfg: Mapping[str, Any]) -> Any:
         raise ValueError("expected a config node with a `target:` key (and optional `params:`)")
     params = cfg.get("params", None)
     return get_obj_from_str(str(cfg["target"]))(**(params if params is not None else {}))
+
+
+# What a config node that does not fit its class raises while the object is built: a missing or misspelt key
+# reaches the constructor as a missing argument (TypeError) or a failed lookup (KeyError, upstream's
+# instantiate_from_config, OmegaConf's own errors, unresolvable ${...}).
+CONFIG_ERRORS: tuple[type[BaseException], ...] = (TypeError, KeyError, OmegaConfBaseException)
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's message on one line (a KeyError's without the quotes str() adds)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return (text.strip().splitlines() or [""])[0][:200]
+
+
+def config_error(where: str, err: BaseException, config_name: Optional[str] = None) -> UserError:
+    """One line for a config node ``where`` (e.g. ``model``) that could not be resolved or built: what failed, and
+    what to check."""
+    name = f"config {config_name}" if config_name else "the config"
+    return UserError(f"{name}: {where} cannot be built ({type(err).__name__}: {_first_line(err)}); a key is "
+                     f"missing or misspelt: check {where} against {TRAINING_CONFIG_HINT}")
+
+
+def build_from_config(cfg: Mapping[str, Any], where: str, config_name: Optional[str] = None) -> Any:
+    """:func:`instantiate` for a node of a user's config: what a missing key raises while the object is built
+    becomes one ``UserError`` naming the node (``where``) and the config."""
+    try:
+        return instantiate(cfg)
+    except UserError:
+        raise  # already one line saying what to do (an upstream tree missing, an untrusted checkpoint, ...)
+    except CONFIG_ERRORS as err:
+        raise config_error(where, err, config_name) from err
 
 
 def _load_with_base(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -167,7 +199,10 @@ def load_model(config: DictConfig | str | os.PathLike, checkpoint: Optional[str 
         cfg = load_config(config)
     else:
         cfg = config
-    raw = OmegaConf.to_container(cfg.model, resolve=True)
+    try:
+        raw = OmegaConf.to_container(cfg.model, resolve=True)
+    except OmegaConfBaseException as err:  # an unresolvable ${...}
+        raise config_error("model", err, config_name) from err
     if is_released_config(raw):
         raw = translate_released_model_config(raw)
         print(f"config: the authors' released Table 3 form, evaluated as {raw['target']} with "
@@ -179,7 +214,7 @@ def load_model(config: DictConfig | str | os.PathLike, checkpoint: Optional[str 
         for key in ("ckpt_path", "path"):
             if key in params:
                 params.pop(key)
-    model = instantiate(model_cfg)
+    model = build_from_config(model_cfg, "model", config_name)
     family = model_family(model)
     info: dict[str, Any] = {"path": None, "sha256": None, "global_step": None, "epoch": None,
                             "missing_keys": [], "unexpected_keys": []}

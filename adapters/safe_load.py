@@ -14,6 +14,10 @@ upstream ``main.py`` files under Lightning 2 (with upstream's lr schedules), of 
 hyper-parameters are a DictConfig / Namespace, and of Lightning-1.x-shaped dicts (``tests/test_safe_load.py``):
 numpy scalars/dtypes/arrays, Lightning's ``AttributeDict``, ``argparse.Namespace``, path objects, OmegaConf
 containers and their internals, and the ``ModelCheckpoint`` class (Lightning < 1.5 keyed callback states by class).
+A name whose real object does more than build itself from data is allowlisted as an inert stand-in, never as the
+real object: ``AttributeDict`` becomes a plain dict, and ``ModelCheckpoint`` a key that hashes and compares equal to
+the class but refuses to be built (the real constructor opens ``dirpath`` through fsspec, which for ``ftp://...``
+connects to a server). Whatever a file fails to build is refused with the same one line as an unknown type.
 Not loadable without the opt-in: a ``defaultdict`` with items (torch sets items on exact dicts only; the empty one
 OmegaConf pickles loads), structured-config dataclasses, enums, functions.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import pathlib
 import pickle
@@ -57,13 +62,56 @@ class _PlainDict:
         return {}
 
 
+class _ClassKeyMeta(type):
+    """Metaclass of a stand-in for a class that checkpoints hold only as a dict key (never an instance of it).
+
+    The stand-in hashes and compares equal to the real class, so a lookup by the real class (Lightning's legacy
+    callback states, ``checkpoint["callbacks"][ModelCheckpoint]``) finds the entry; building it raises.
+    """
+
+    _real: type
+
+    def __hash__(cls) -> int:
+        return hash(cls._real)
+
+    def __eq__(cls, other: object) -> bool:
+        return other is cls or other is cls._real
+
+    def __ne__(cls, other: object) -> bool:
+        return not cls.__eq__(other)
+
+    def __repr__(cls) -> str:
+        return f"<stand-in for {cls._real.__module__}.{cls._real.__qualname__}>"
+
+
+def _class_key(real: type) -> type:
+    """An inert stand-in for ``real`` (see ``_ClassKeyMeta``): naming it is allowed, building it is refused."""
+
+    def __new__(cls: type, *args: Any, **kwargs: Any) -> Any:
+        # torch's unpickler builds through REDUCE (cls(*args)) and NEWOBJ (cls.__new__(cls, *args)): both land here.
+        # UnpicklingError makes torch.load report it as a weights-only refusal.
+        raise pickle.UnpicklingError(f"the file builds a {real.__qualname__} object; checkpoints hold that class only "
+                                     "as a key, and building one can open files or network connections")
+
+    return _ClassKeyMeta(real.__qualname__, (), {"_real": real, "__new__": __new__, "__module__": real.__module__,
+                                                 "__doc__": f"Inert stand-in for {real.__qualname__}."})
+
+
+@functools.lru_cache(maxsize=None)  # one stand-in per process: torch's allowlist and equality need the same object
+def _model_checkpoint_key() -> type:
+    from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+
+    return _class_key(ModelCheckpoint)
+
+
 def safe_globals() -> list[tuple[Any, str]]:
     """The allowlist: (object, the name a pickle refers to it by). Classes here are only built and filled with
-    data; none of them runs code from the file (the functions build numpy scalars and arrays from bytes)."""
+    data; none of them runs code from the file (the functions build numpy scalars and arrays from bytes), and none
+    has a side effect when built (no file, no connection): where the real class would, an inert stand-in is
+    listed instead (``_PlainDict``, ``_class_key``)."""
     from omegaconf import DictConfig, ListConfig
     from omegaconf.base import ContainerMetadata, Metadata
     from omegaconf.nodes import AnyNode
-    from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
 
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 moved it
     entries: list[tuple[Any, str]] = []
@@ -85,8 +133,9 @@ def safe_globals() -> list[tuple[Any, str]]:
         names = {f"pathlib.{cls.__qualname__}", f"{cls.__module__}.{cls.__qualname__}"}  # 3.13: pathlib._local
         entries += [(cls, name) for name in sorted(names)]
     # Lightning < 1.5 keyed callback states by the callback class (both upstream main.py files use ModelCheckpoint);
-    # Lightning's own checkpoint migration looks them up by that class.
-    entries.append((ModelCheckpoint, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"))
+    # Lightning's own checkpoint migration looks them up by that class. The real class is not listed: its
+    # constructor opens dirpath through fsspec (ftp://host/x connects), and a pickle may call it with any argument.
+    entries.append((_model_checkpoint_key(), "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"))
     # OmegaConf configs as hyper-parameters, and what they pickle: metadata, value nodes, the types the metadata
     # names, and the (empty) defaultdict of the resolver cache.
     for cls in (DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode):
@@ -126,14 +175,29 @@ def _refusal_reason(err: pickle.UnpicklingError) -> Optional[str]:
     return f"pickle content the weights-only unpickler does not support ({detail[0] if detail else 'no detail'})"
 
 
+def _raised_while_unpickling(err: BaseException) -> bool:
+    """True when ``err`` came out of torch's weights-only unpickler (building the file's objects), not out of
+    reading the archive or the tensors."""
+    from torch import _weights_only_unpickler  # torch.load(weights_only=True) runs its Unpickler
+
+    where = os.path.normcase(os.path.abspath(_weights_only_unpickler.__file__))
+    tb = err.__traceback__
+    while tb is not None:
+        if os.path.normcase(os.path.abspath(tb.tb_frame.f_code.co_filename)) == where:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, opt_in: str = DEFAULT_OPT_IN,
                     map_location: Any = "cpu") -> Any:
     """``torch.load(path)`` without running code from the file: ``weights_only=True`` plus :func:`safe_globals`.
 
-    A checkpoint that needs anything else raises ``UntrustedCheckpointError`` (one line: the file, what it holds,
-    ``opt_in`` = how the caller's user trusts it). ``trust=True`` loads such a file with ``weights_only=False``
-    after a one-line warning on stderr; files within the allowlist load safely either way. Lightning's
-    ``AttributeDict`` comes back as a plain dict (same items).
+    A checkpoint that needs anything else, or that builds an allowlisted type in a way no real checkpoint does,
+    raises ``UntrustedCheckpointError`` (one line: the file, what it holds, ``opt_in`` = how the caller's user
+    trusts it). ``trust=True`` loads such a file with ``weights_only=False`` after a one-line warning on stderr;
+    files within the allowlist load safely either way. Lightning's ``AttributeDict`` comes back as a plain dict
+    (same items), a legacy ``ModelCheckpoint`` key as a stand-in equal to the class.
     """
     path = Path(path)
     if not path.is_file():
@@ -147,6 +211,13 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, opt_in: str
             reason = _refusal_reason(err)
             if reason is None:
                 raise
+        except Exception as err:
+            # An allowlisted class called with arguments no real checkpoint passes (a Namespace with positional
+            # arguments, a WindowsPath on Linux, ...) raises its own error: still a file we refuse, in one line.
+            if not _raised_while_unpickling(err):
+                raise
+            detail = (str(err).strip().splitlines() or [""])[0][:160]
+            reason = f"pickle content the weights-only unpickler cannot rebuild ({type(err).__name__}: {detail})"
     if not trust:
         raise UntrustedCheckpointError(
             f"checkpoint {path} holds {reason}, which torch.load(weights_only=True) refuses: unpickling it can run "

@@ -1,5 +1,7 @@
 """The nearest-code searches: fused (compiled, no N x K matrix) against blocked and against float64, near-tie bounds,
-no recompilation per batch or codebook size, O(N + K) memory, auto's fallback, and the option in both codebases.
+no recompilation per batch or codebook size, O(N + K) memory, auto's fallback (kept per device, dtype and d), one
+dtype policy for both (float64 fused against cdist, half inputs upcast), non-finite codewords an error, and the
+option in both codebases.
 
 Bounds (derived in adapters/quantizer/search.py; u = 2^-24, gamma_m = m u / (1 - m u), D(k) = |z - c_k|^2 exact):
   fused index a vs the exact nearest k*:     D(a) - D(k*) <= gamma_{d+2} (D(a) + D(k*))
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 import adapters.quantizer.search as search_mod
+from adapters.errors import UserError
 from adapters.quantizer import (NormRotationQuantizer, RotationVectorQuantizer, find_nearest, fused_compile_count,
                                 fused_nearest_code, nearest_code)
 from conftest import ROOT, requires_enhancing, requires_ldm
@@ -187,6 +190,63 @@ def test_non_finite_rows_get_a_code_and_leave_the_others_alone() -> None:
     assert torch.equal(idx[finite], exact(z[finite], cb).argmin(1))
 
 
+@pytest.mark.parametrize("z_dtype,cb_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                               (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.float32, torch.float16)])
+def test_both_searches_upcast_half_inputs_the_same_way(z_dtype: torch.dtype, cb_dtype: torch.dtype) -> None:
+    """Issue 16, item 8: blocked computed in the inputs' dtype (bf16: wrong codes; fp16 z with an fp32 codebook:
+    a raw dtype error). Both searches compute in float32 now: the codes of the float32 copies, near-ties aside."""
+    z, cb = near_tie_data(2048, 512, 3, seed=21)
+    z_h, cb_h = z.to(z_dtype), cb.to(cb_dtype)
+    z32, cb32 = z_h.float(), cb_h.float()  # exact: every half value is a float32
+    blocked, fused = find_nearest(z_h, cb_h, "blocked"), find_nearest(z_h, cb_h, "fused")
+    assert torch.equal(blocked, nearest_code(z32, cb32)) and torch.equal(fused, fused_nearest_code(z32, cb32))
+    # the half inputs' own exact nearest code (rounded half values, distances in float64), near-ties aside
+    assert_nearest(z32, cb32, fused)
+    dist = exact(z32, cb32)
+    best, rows = dist.argmin(1), torch.arange(len(z32))
+    assert ((dist[rows, blocked] - dist[rows, best]) <= bounds(z32, cb32, dist, blocked, best)[1]).all()
+    differ = (fused != blocked).nonzero()[:, 0]
+    gap = (dist[differ, fused[differ]] - dist[differ, blocked[differ]]).abs()
+    assert (gap <= bounds(z32[differ], cb32, dist[differ], fused[differ], blocked[differ])[1]).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("search", ["blocked", "fused", "auto"])
+def test_a_non_finite_codeword_is_one_clear_error_whichever_the_search(search: str, bad: float) -> None:
+    """Issue 16, item 8: blocked chose a NaN codeword, fused skipped it. One policy now: a corrupted codebook is
+    a UserError (one line), never a silent choice."""
+    g = torch.Generator().manual_seed(4)
+    z, cb = torch.randn(50, 3, generator=g), torch.randn(20, 3, generator=g)
+    cb[7, 1] = bad
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        with pytest.raises(UserError) as info:
+            find_nearest(z.to(dtype), cb.to(dtype), search)
+        message = str(info.value)
+        assert info.value.one_line and "\n" not in message
+        assert message.startswith("nearest-code search: 1 of 20 codebook rows are not finite (NaN or inf; rows 7)")
+        assert "Resume from an earlier checkpoint" in message
+    with pytest.raises(UserError, match="codebook rows are not finite"):
+        (nearest_code if search == "blocked" else fused_nearest_code)(z, cb)
+    quantizer = RotationVectorQuantizer(20, 3, search=search)
+    with torch.no_grad():
+        quantizer.embedding.weight[3, 0] = bad
+    with pytest.raises(UserError, match=r"1 of 20 codebook rows are not finite \(NaN or inf; rows 3\)"):
+        quantizer(torch.randn(2, 3, 4, 4))
+
+
+def test_non_finite_rows_of_z_get_code_0_in_both_searches() -> None:
+    g = torch.Generator().manual_seed(8)
+    cb = torch.randn(64, 3, generator=g) + 2.0  # all coordinates mostly positive: inf - inf in the expanded form
+    z = torch.randn(40, 3, generator=g)
+    z[1, 0], z[2, 1], z[3, 2], z[4] = float("nan"), float("inf"), -float("inf"), float("inf")
+    finite = torch.isfinite(z).all(1)
+    expected = torch.where(finite, exact(torch.where(finite[:, None], z, 0.0), cb).argmin(1), 0)
+    for dtype in (torch.float32, torch.float64):
+        for search in ("blocked", "fused"):
+            assert torch.equal(find_nearest(z.to(dtype), cb.to(dtype), search), expected), (dtype, search)
+
+
 def test_search_option_errors_are_one_clear_line() -> None:
     with pytest.raises(ValueError, match=r"^unknown nearest-code search 'fast': choose one of auto, fused, blocked$"):
         RotationVectorQuantizer(8, 3, search="fast")
@@ -200,7 +260,7 @@ def test_search_option_errors_are_one_clear_line() -> None:
 def fresh_search_state(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto's memory of what it warned about and what failed, emptied for one test."""
     monkeypatch.setattr(search_mod, "_WARNED", set())
-    monkeypatch.setattr(search_mod, "_BROKEN", {})
+    monkeypatch.setattr(search_mod, "_FAILED", {})
     monkeypatch.setattr(search_mod, "_WORKING", set())
 
 
@@ -222,20 +282,73 @@ def test_auto_falls_back_to_blocked_and_says_why_once(monkeypatch: pytest.Monkey
 
 
 def test_auto_falls_back_when_compiling_fails(monkeypatch: pytest.MonkeyPatch, fresh_search_state: None) -> None:
-    def broken(d: int):
+    def broken(d: int, dtype: torch.dtype):
         def run(z, ct):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(long inductor trace)")
         return run
 
     monkeypatch.setattr(search_mod, "_fused_for", broken)
     z, cb = torch.randn(64, 3), torch.randn(16, 3)
-    with pytest.raises(RuntimeError, match=r"^search: fused cannot run on cpu: torch.compile failed \(RuntimeError: "
-                                           r"InvalidCxxCompiler: No working C\+\+ compiler found\); use search: auto"):
+    with pytest.raises(RuntimeError, match=r"^search: fused cannot run on cpu for float32 rows of dimension 3: "
+                                           r"torch.compile failed \(RuntimeError: InvalidCxxCompiler: No working C\+\+ "
+                                           r"compiler found\); use search: auto"):
         find_nearest(z, cb, "fused")
-    with pytest.warns(RuntimeWarning, match=r"blocked nearest-code search on cpu: torch.compile failed"):
+    with pytest.warns(RuntimeWarning, match=r"blocked nearest-code search on cpu for float32 rows of dimension 3: "
+                                            r"torch.compile failed"):
         idx = find_nearest(z, cb, "auto")
     assert torch.equal(idx, nearest_code(z, cb))
-    assert search_mod._BROKEN["cpu"].startswith("torch.compile failed")  # later calls do not try again
+    # later calls for this (device, dtype, d) do not try again; nothing else is marked
+    assert list(search_mod._FAILED) == [("cpu", torch.float32, 3)]
+    assert search_mod._FAILED["cpu", torch.float32, 3].startswith("torch.compile failed")
+
+
+def test_a_failed_compile_never_poisons_other_calls(monkeypatch: pytest.MonkeyPatch,
+                                                    fresh_search_state: None) -> None:
+    """Issue 16, item 5: a failure is kept per (device, dtype, d); float32 and other dimensions keep fusing."""
+    real = search_mod._fused_for
+
+    def fails_for_float64(d: int, dtype: torch.dtype):
+        if dtype == torch.float64:
+            def run(z, ct):
+                raise RuntimeError("LoweringException: no float64 here")
+            return run
+        return real(d, dtype)
+
+    monkeypatch.setattr(search_mod, "_fused_for", fails_for_float64)
+    g = torch.Generator().manual_seed(5)
+    z64 = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    cb64 = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="on cpu for float64 rows of dimension 3: torch.compile failed"):
+        assert torch.equal(find_nearest(z64, cb64, "auto"), nearest_code(z64, cb64))
+    z32, cb32 = z64.float(), cb64.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning for float32
+        assert torch.equal(find_nearest(z32, cb32, "fused"), exact(z32, cb32).argmin(1))
+        assert torch.equal(find_nearest(z32, cb32, "auto"), exact(z32, cb32).argmin(1))
+    assert ("cpu", torch.float32, 3) in search_mod._WORKING
+    assert list(search_mod._FAILED) == [("cpu", torch.float64, 3)]
+    with pytest.raises(RuntimeError, match="^search: fused cannot run on cpu for float64 rows of dimension 3: "):
+        find_nearest(z64, cb64, "fused")
+
+
+def test_fused_in_float64_returns_cdists_indices_and_leaves_float32_working(fresh_search_state: None) -> None:
+    """Issue 16, item 5: float64 rows used to be viewed as int32 pairs; under auto that disabled fused for good."""
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(1000, 3, generator=g, dtype=torch.float64)
+    cb = torch.randn(300, 3, generator=g, dtype=torch.float64)
+    expected = torch.cdist(z, cb, compute_mode="donot_use_mm_for_euclid_dist").argmin(1)
+    assert torch.equal(torch.cdist(z, cb).argmin(1), expected)  # generic data: no near-tie in float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto must not fall back (nor warn)
+        assert torch.equal(find_nearest(z, cb, "auto"), expected)
+        assert torch.equal(find_nearest(z, cb, "fused"), expected)
+        mixed = torch.cdist(z, cb.float().double(), compute_mode="donot_use_mm_for_euclid_dist").argmin(1)
+        assert torch.equal(find_nearest(z, cb.float(), "fused"), mixed)  # float64 if either is
+        z32, cb32 = z.float(), cb.float()
+        assert torch.equal(find_nearest(z32, cb32, "fused"), exact(z32, cb32).argmin(1))
+        assert torch.equal(find_nearest(z32, cb32, "auto"), exact(z32, cb32).argmin(1))
+    assert search_mod._FAILED == {}
+    assert {("cpu", torch.float64, 3), ("cpu", torch.float32, 3)} <= search_mod._WORKING
 
 
 def test_fused_search_inside_a_callers_compile() -> None:

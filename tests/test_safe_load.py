@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import pickle
 import pickletools
 import subprocess
 import sys
@@ -139,6 +140,113 @@ def test_weights_only_copy_command(tmp_path: Path) -> None:
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_checkpoint(tmp_path / "nope.ckpt")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Allowlisted names have no side effects (issue 16, item 2)
+# --------------------------------------------------------------------------------------------------------------
+class Listener:
+    """A local TCP server standing in for ftp://host:port: it counts connections and answers each with FTP's
+    "421" (so a client that did connect fails at once instead of waiting for a greeting)."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"ftp://127.0.0.1:{self.sock.getsockname()[1]}/runs/x"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.connections += 1
+            conn.sendall(b"421 Service not available\r\n")
+            conn.close()
+
+
+@pytest.fixture
+def listener():
+    server = Listener()
+    yield server
+    server.sock.close()
+
+
+def write_raw_pickle(path: Path, data: bytes) -> None:
+    """A torch zip checkpoint whose data.pkl is ``data`` (hand-written opcodes: what a crafted file can hold)."""
+    torch.save({"x": 1}, path)
+    with zipfile.ZipFile(path) as z:
+        entries = [(info, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for info, blob in entries:
+            z.writestr(info, data if info.filename.endswith("data.pkl") else blob)
+
+
+def crafted(name: str, how: str, url: str) -> bytes:
+    """Protocol-2 pickle that builds the global ``name`` with ``url``: ``reduce`` calls name(url) (REDUCE),
+    ``newobj`` runs name.__new__(name, url) (NEWOBJ), ``build`` runs name.__new__(name) and then sets the state
+    {dirpath: url} (NEWOBJ + BUILD)."""
+    module, _, attr = name.rpartition(".")
+    push = f"c{module}\n{attr}\n".encode()
+    args = lambda obj: pickle.dumps(obj, protocol=2)[2:-1]  # noqa: E731 (the opcodes, without PROTO and STOP)
+    body = {"reduce": push + args((url,)) + pickle.REDUCE,
+            "newobj": push + args((url,)) + pickle.NEWOBJ,
+            "build": push + args(()) + pickle.NEWOBJ + args({"dirpath": url, "filename": url}) + pickle.BUILD}[how]
+    return pickle.PROTO + b"\x02" + body + pickle.STOP
+
+
+def test_a_crafted_model_checkpoint_opens_no_connection_and_is_refused_in_one_line(tmp_path: Path,
+                                                                                 listener: Listener) -> None:
+    """The issue's reproduction: the real ModelCheckpoint(ftp://...) connects through fsspec while unpickling."""
+    ckpt = tmp_path / "crafted.ckpt"
+    write_raw_pickle(ckpt, crafted("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint", "reduce",
+                                   listener.url))
+    assert safe_load.unsafe_globals(ckpt) == []  # only allowlisted names: the refusal must come from building it
+    with pytest.raises(UntrustedCheckpointError) as info:
+        load_checkpoint(ckpt, opt_in="pass --trust-me")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"checkpoint {ckpt} holds ") and "ModelCheckpoint" in message
+    assert message.endswith("pass --trust-me")
+    assert listener.connections == 0
+
+
+ALLOWLISTED = sorted({name for _, name in safe_load.safe_globals()})
+
+
+@pytest.mark.parametrize("how", ["reduce", "newobj", "build"])
+@pytest.mark.parametrize("name", ALLOWLISTED)
+def test_building_any_allowlisted_name_opens_no_connection(tmp_path: Path, listener: Listener, name: str,
+                                                           how: str) -> None:
+    """Every allowlisted name, built every way the weights-only unpickler allows, with an ftp:// argument: no
+    connection, and the file either loads or is refused with the project's one line (never a raw error)."""
+    ckpt = tmp_path / "crafted.ckpt"
+    write_raw_pickle(ckpt, crafted(name, how, listener.url))
+    try:
+        load_checkpoint(ckpt)
+    except UntrustedCheckpointError as err:
+        assert "\n" not in str(err) and str(err).startswith(f"checkpoint {ckpt} holds ")
+    assert listener.connections == 0
+
+
+def test_the_model_checkpoint_stand_in_is_the_class_for_lookups_and_nothing_else() -> None:
+    from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+
+    stand_in = dict((name, obj) for obj, name in safe_load.safe_globals())[
+        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"]
+    assert stand_in is not ModelCheckpoint
+    states = {stand_in: {"best_model_score": 1.0}}
+    assert states[ModelCheckpoint] == {"best_model_score": 1.0}  # Lightning's _legacy_state_key lookup
+    assert states.keys() - {ModelCheckpoint} == set() and {ModelCheckpoint} - states.keys() == set()
+    with pytest.raises(pickle.UnpicklingError, match="builds a ModelCheckpoint object"):
+        stand_in("ftp://127.0.0.1:1/x")
+    with pytest.raises(pickle.UnpicklingError):
+        stand_in.__new__(stand_in)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -22,8 +22,6 @@ applying it costs O(N d). Norms are taken in float32 (float64 for float64 input)
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -134,30 +132,3 @@ class _ZeroWithGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         return grad
-
-
-def nearest_code(z: Tensor, codebook: Tensor, chunk_rows: Optional[int] = None,
-                 max_bytes: int = 64 * 2**20) -> Tensor:
-    """Index of the nearest codebook row for each row of z, in bounded memory.
-
-    z: (N, d); codebook: (K, d). Returns (N,) int64. Evaluates taming's distance expression
-    (|z|^2 + |c|^2) - 2 z c^T with the same rounding, so indices match the full N x K matrix, but over blocks of
-    ``chunk_rows`` rows (default: as many as fit ``max_bytes`` per float32 block; two blocks live at once), so the
-    peak is O(chunk_rows * K), not O(N K).
-    """
-    n, k = z.shape[0], codebook.shape[0]
-    if chunk_rows is None:
-        chunk_rows = max(1, max_bytes // (4 * max(k, 1)))
-    if chunk_rows <= 0:
-        raise ValueError(f"search chunk size must be a positive number of rows, got {chunk_rows}")
-    with torch.no_grad():
-        cb = codebook.detach()
-        cb_sq = torch.sum(cb ** 2, dim=1)
-        cb_t = cb.t()
-        out = torch.empty(n, dtype=torch.long, device=z.device)
-        for start in range(0, n, chunk_rows):
-            zc = z[start:start + chunk_rows].detach()
-            d = torch.sum(zc ** 2, dim=1, keepdim=True) + cb_sq
-            d.sub_(torch.einsum("bd,dn->bn", zc, cb_t).mul_(2))
-            out[start:start + chunk_rows] = torch.argmin(d, dim=1)
-    return out
