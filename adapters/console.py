@@ -2,6 +2,7 @@
 
 latent-diffusion's ``main.py`` (patch 0021) calls :func:`quiet_lightning` before building the Trainer and
 :func:`print_run_summary` after training; the tiny configs add :class:`CpuThreads` as a callback.
+enhancing-transformers' ``main.py`` (patch 11) does the same with ``print_run_summary(run_dir, layout="enhancing")``.
 """
 from __future__ import annotations
 
@@ -77,22 +78,47 @@ def _latest(folder: Path, prefix: str) -> Optional[Path]:
     return files[-1] if files else None
 
 
-def run_summary(logdir: Union[str, os.PathLike]) -> list[str]:
-    """A few lines saying where a finished run's pictures and checkpoint are, and how to go on."""
+def _newest_checkpoint(folder: Path) -> Optional[Path]:
+    """The most recently written checkpoint in ``folder``; never ``crash.ckpt`` (RunGuard's, not for resuming)."""
+    ckpts = [p for p in folder.glob("*.ckpt") if p.name != "crash.ckpt"]
+    return max(ckpts, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt")) if ckpts else None
+
+
+# Where each codebase's runs keep their pictures (under the run folder) and what the first picture is called.
+_IMAGES = {"ldm": (Path("images"), "inputs"), "enhancing": (Path("log") / "results", "originals")}
+
+
+def run_summary(logdir: Union[str, os.PathLike], layout: str = "ldm", config: Optional[str] = None) -> list[str]:
+    """A few lines saying where a finished run's pictures and checkpoint are, and how to go on.
+
+    ``layout``: ``ldm`` (latent-diffusion: images/, checkpoints/last.ckpt, ``-r <run>``) or ``enhancing``
+    (enhancing-transformers: log/results/, ckpt/, ``-c <config> -r <checkpoint>``)."""
+    if layout not in _IMAGES:
+        raise ValueError(f"unknown run layout {layout!r}: ldm or enhancing")
     run = Path(logdir)
+    images, first = _IMAGES[layout]
     lines = [f"Done. Run folder: {run}"]
     for split in ("train", "val"):
-        pics = [p for p in (_latest(run / "images" / split, k) for k in ("inputs", "reconstructions",
-                                                                          "codebook_usage")) if p]
+        pics = [p for p in (_latest(run / images / split, k) for k in (first, "reconstructions", "codebook_usage"))
+                if p]
         if pics:
             lines.append(f"  latest {split} images: " + ", ".join(str(p.relative_to(run)) for p in pics))
-    last = run / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        lines.append(f"  checkpoint: {last}   (resume: -r {run})")
-    lines.append(f"  curves: tensorboard --logdir {run}")
+    if layout == "ldm":
+        last = run / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            lines.append(f"  checkpoint: {last}   (resume: -r {run})")
+        lines.append(f"  curves: tensorboard --logdir {run}")
+        return lines
+    last = _newest_checkpoint(run / "ckpt")
+    if last is not None:
+        lines.append(f"  checkpoint: {last}   (resume: python third_party/enhancing-transformers/main.py -c "
+                     f"{config or '<config>'} -r {last}, or scripts/train_vitvqgan.sh --resume {run})")
+    csv_file, wandb_dir = run / "log" / "csv" / "metrics.csv", run / "log" / "wandb"
+    lines.append(f"  curves: {csv_file}" if csv_file.is_file() else f"  curves: wandb, files in {wandb_dir}"
+                 if wandb_dir.is_dir() else f"  curves: tensorboard --logdir {run / 'log'}")
     return lines
 
 
-def print_run_summary(logdir: Union[str, os.PathLike]) -> None:
+def print_run_summary(logdir: Union[str, os.PathLike], layout: str = "ldm", config: Optional[str] = None) -> None:
     """Print :func:`run_summary`."""
-    print("\n".join(run_summary(logdir)))
+    print("\n".join(run_summary(logdir, layout, config)))

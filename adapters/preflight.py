@@ -1,23 +1,29 @@
-"""Checks a training run's merged config before anything heavy is built, reporting every problem at once.
+"""Checks a training run's config before anything heavy is built, reporting every problem at once, for both codebases.
 
 latent-diffusion's ``main.py`` (patch 0018) calls :func:`exit_on_problems` right after merging the configs and the
-command line. Without it, a run on a machine lacking a GPU, the data or the LPIPS weights built the model first and
-then stopped at the first of these problems, often in a long traceback; here each is one line saying what to do.
+command line; enhancing-transformers' ``main.py`` (patch 11) calls :func:`exit_on_enhancing_problems` right after
+loading its config. Without them, a run on a machine lacking a GPU, the data or the LPIPS weights built the model
+first and then stopped at the first of these problems, often in a long traceback; here each is one line saying what
+to do (for enhancing's ``main.py``, with the command that fixes it).
 
 Checked (cheaply: no model, no dataset scan, no download):
 
-* GPUs asked for (``--gpus`` / ``lightning.trainer.gpus``) but torch sees none, or fewer than asked;
-* a local-ImageNet dataset (``adapters.data.ImageNetFolder`` subclasses) whose root or split folder is missing;
-* taming's LPIPS weights absent while ``perceptual_weight > 0`` and their host unreachable (or
+* GPUs asked for (``--gpus`` / ``lightning.trainer.gpus``; enhancing's ``-ng N``) but torch sees none, or fewer;
+* a local-ImageNet dataset (``adapters.data.ImageNetFolder`` subclasses, enhancing's ones included) whose root or
+  split folder is missing;
+* LPIPS weights absent while ``perceptual_weight > 0`` (taming's two files; torchvision's VGG16 for enhancing's
+  loss, whose upstream class builds LPIPS whatever the weight) and their host unreachable (or
   ``ROTATION_TRICK_OFFLINE=1``): the full configs would otherwise build the model before the download fails.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import shlex
 import socket
 import sys
-from typing import Any, Mapping, Optional
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -26,6 +32,11 @@ PERCEPTUAL_OVERRIDE = "model.params.lossconfig.params.perceptual_weight=0"
 # loss classes that build taming's LPIPS when perceptual_weight > 0 (taming's default weight is 1.0)
 LPIPS_LOSSES = ("adapters.losses.VQLPIPSWithDiscriminator", "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
                 "taming.modules.losses.VQLPIPSWithDiscriminator")
+# enhancing's loss classes -> whether perceptual_weight 0 spares LPIPS (the project's class; upstream's always builds it)
+ENHANCING_LPIPS_LOSSES = {"adapters.vitvqgan.VQLPIPSWithDiscriminator": True,
+                          "enhancing.losses.vqperceptual.VQLPIPSWithDiscriminator": False,
+                          "enhancing.losses.vqperceptual.VQLPIPS": False}
+ENHANCING_MAIN = "third_party/enhancing-transformers/main.py"
 
 
 def _requested_gpus(gpus: Any) -> Optional[list[int] | int]:
@@ -71,21 +82,25 @@ def _import(target: str) -> Any:
 
 
 def _imagenet_split(cls: type, params: Mapping[str, Any]) -> str:
+    """The split folder a dataset config reads: its class's (``adapters.data``'s and ``adapters.vitvqgan``'s are
+    named ``ImageNetTrain`` / ``ImageNetValidation``), else ``split:`` (``ImageNetFolder``'s default: train)."""
     from adapters.data import ImageNetTrain, ImageNetValidation
 
-    if issubclass(cls, ImageNetTrain):
+    if issubclass(cls, ImageNetTrain) or cls.__name__.endswith("Train"):
         return "train"
-    if issubclass(cls, ImageNetValidation):
+    if issubclass(cls, ImageNetValidation) or cls.__name__.endswith("Validation"):
         return "val"
     return {"validation": "val"}.get(str(params.get("split", "train")), str(params.get("split", "train")))
 
 
-def data_problems(data_config: Mapping[str, Any]) -> list[str]:
-    """One line per missing local-ImageNet root or split folder (``adapters.data``'s message; nothing is scanned)."""
-    from adapters.data import DataError, ImageNetFolder, resolve_imagenet_root
+def data_problems(data_config: Mapping[str, Any], section: str = "data") -> list[str]:
+    """One line per missing local-ImageNet root or split folder (nothing is scanned). ``section``: where the datasets
+    are in the config (latent-diffusion ``data``, whose lines are ``adapters.data``'s messages; enhancing ``dataset``,
+    whose lines give the ``export IMAGENET_ROOT=...`` command)."""
+    from adapters.data import IMAGENET_ROOT_ENV, DataError, ImageNetFolder, resolve_imagenet_root
 
     problems: list[str] = []
-    for cfg in _dataset_configs(data_config).values():
+    for key, cfg in _dataset_configs(data_config).items():
         try:
             cls = _import(cfg["target"])
         except (ImportError, AttributeError, ValueError):
@@ -93,15 +108,21 @@ def data_problems(data_config: Mapping[str, Any]) -> list[str]:
         if not (isinstance(cls, type) and issubclass(cls, ImageNetFolder)):
             continue
         params = cfg.get("params") or {}
+        where = f"{section}.params.{key}.params.root"
         try:
             folder = resolve_imagenet_root(params.get("root")) / _imagenet_split(cls, params)
         except DataError as err:
-            line = str(err)
+            unset = not params.get("root") and not os.environ.get(IMAGENET_ROOT_ENV)
+            line = str(err) if section == "data" or not unset else (
+                f"no ImageNet root: `export {IMAGENET_ROOT_ENV}=/path/to/imagenet` (a folder holding "
+                f"train/<wnid>/*.JPEG and val/<wnid>/*.JPEG), or set {section}.params.<split>.params.root in the "
+                "config; this project never downloads ImageNet")
         else:
             if folder.is_dir():
                 continue
-            line = (f"{str(folder)!r} does not exist: an ImageNet root must hold {folder.name}/<wnid>/*.JPEG "
-                    "(point root: or $IMAGENET_ROOT at the folder holding train/ and val/)")
+            line = f"{str(folder)!r} does not exist: an ImageNet root must hold {folder.name}/<wnid>/*.JPEG" + (
+                " (point root: or $IMAGENET_ROOT at the folder holding train/ and val/)" if section == "data" else
+                f": `export {IMAGENET_ROOT_ENV}=/path/to/imagenet` (the folder holding train/ and val/), or fix {where}")
         if line not in problems:  # train and validation usually share one root: say it once
             problems.append(line)
     return problems
@@ -140,6 +161,105 @@ def lpips_problems(model_config: Mapping[str, Any]) -> list[str]:
             f"or add {PERCEPTUAL_OVERRIDE} to train without LPIPS"]
 
 
+def with_option(argv: Sequence[str], names: Sequence[str], value: str) -> list[str]:
+    """``argv`` with option ``names`` (e.g. ``-ng``/``--num_gpus``) set to ``value``: replaced, or appended."""
+    out, i, done = [], 0, False
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if name in names:
+            out += [name, value]
+            i += 1 if "=" in arg else 2
+            done = True
+            continue
+        out.append(arg)
+        i += 1
+    return out if done else [*out, names[0], value]
+
+
+def _command(argv: Sequence[str]) -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [ENHANCING_MAIN, *argv])
+
+
+def enhancing_gpu_problems(num_gpus: int, argv: Sequence[str]) -> list[str]:
+    """One line when ``-ng N`` asks for more GPUs than torch sees, with the command that runs instead."""
+    if num_gpus <= 0:
+        return []
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have == 0:
+        return [f"-ng {num_gpus} asks for a GPU but torch sees none (torch.cuda.is_available() is False): train on the "
+                f"CPU with `{_command(with_option(argv, ('-ng', '--num_gpus'), '0'))}`, or run on a machine with a "
+                "CUDA GPU"]
+    if num_gpus > have:
+        return [f"-ng {num_gpus} asks for {num_gpus} GPUs but torch sees {have}: "
+                f"`{_command(with_option(argv, ('-ng', '--num_gpus'), str(have)))}`, or check CUDA_VISIBLE_DEVICES"]
+    return []
+
+
+def enhancing_lpips_problems(model_config: Mapping[str, Any], config_name: str = "<config>") -> list[str]:
+    """One line when enhancing's loss would build LPIPS, torchvision's VGG16 weights are not on disk and their host
+    cannot be reached (or ``ROTATION_TRICK_OFFLINE=1``), with the command that puts them there."""
+    loss = (model_config.get("params") or {}).get("loss") or {}
+    target = str(loss.get("target", ""))
+    if target not in ENHANCING_LPIPS_LOSSES:
+        return []
+    weight = float((loss.get("params") or {}).get("perceptual_weight", 1.0))
+    if weight == 0 and ENHANCING_LPIPS_LOSSES[target]:
+        return []
+    from adapters.losses import VGG16_FILE, VGG16_URL, lpips_weight_paths
+
+    path = lpips_weight_paths()[VGG16_FILE]
+    if path.is_file() or _can_download(VGG16_URL):
+        return []
+    instead = (f"or set model.params.loss.params.perceptual_weight: 0 in configs/{config_name}.yaml to train "
+               "without LPIPS" if ENHANCING_LPIPS_LOSSES[target] else
+               "or use target: adapters.vitvqgan.VQLPIPSWithDiscriminator with perceptual_weight: 0")
+    return [f"perceptual_weight {weight:g} needs torchvision's VGG16 weights, missing at {path}: "
+            f"`mkdir -p {shlex.quote(str(path.parent))} && curl -L -o {shlex.quote(str(path))} {VGG16_URL}` "
+            f"where there is network (then copy the file here; TORCH_HOME moves the folder), {instead}"]
+
+
+def enhancing_problems(config: Mapping[str, Any], num_gpus: int, argv: Sequence[str] = (),
+                       config_name: str = "<config>") -> list[str]:
+    """Every problem found in an enhancing-transformers config (``model``, ``dataset``) and its ``-ng``."""
+    found = enhancing_gpu_problems(num_gpus, argv)
+    if "dataset" in config:
+        found += data_problems(config["dataset"], section="dataset")
+    if "model" in config:
+        found += enhancing_lpips_problems(config["model"], config_name)
+    return found
+
+
+def exit_on_missing_config(path: Path, prog: str = "main.py") -> None:
+    """enhancing's ``main.py`` reads ``configs/<-c>.yaml`` from the working directory: one line when it is not there."""
+    if path.is_file():
+        return
+    here = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+    where = f"configs here: {', '.join(here)}" if here else f"{Path.cwd()} has no configs/ folder: run from the project root"
+    print(f"{prog}: {path} not found ({where})", file=sys.stderr)
+    sys.exit(1)
+
+
+def exit_on_enhancing_problems(config: Mapping[str, Any], num_gpus: int, config_name: str,
+                               argv: Optional[Sequence[str]] = None, prog: str = "main.py") -> None:
+    """enhancing's ``main.py``: print each problem as ``<prog>: <problem>`` on stderr and exit 1; else return.
+    ``argv`` (default: this process's arguments) is what the suggested commands repeat."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    found = enhancing_problems(config, num_gpus, argv, config_name)
+    if found:
+        tiny = _command(["-c", "tiny_rot_vitvqgan", "-ng", "0"]) if Path("configs/tiny_rot_vitvqgan.yaml").is_file() \
+            else None
+        _exit(found, prog, f"an offline CPU run needing none of them: `{tiny}`" if tiny else None)
+
+
+def _exit(found: list[str], prog: str, hint: Optional[str] = None) -> None:
+    for line in found:
+        print(f"{prog}: {line}", file=sys.stderr)
+    print(f"{prog}: {len(found)} problem(s) above; nothing was built" + (f" ({hint})" if hint else ""),
+          file=sys.stderr)
+    sys.exit(1)
+
+
 def problems(config: Mapping[str, Any], trainer_config: Mapping[str, Any]) -> list[str]:
     """Every problem found in a merged latent-diffusion config (``model``, ``data``) and its trainer options."""
     found = gpu_problems(trainer_config)
@@ -153,11 +273,10 @@ def problems(config: Mapping[str, Any], trainer_config: Mapping[str, Any]) -> li
 def exit_on_problems(config: Mapping[str, Any], trainer_config: Mapping[str, Any], prog: str = "main.py") -> None:
     """Print each problem as ``<prog>: <problem>`` on stderr and exit 1; return when there is none."""
     found = problems(config, trainer_config)
-    for line in found:
-        print(f"{prog}: {line}", file=sys.stderr)
     if found:
-        print(f"{prog}: {len(found)} problem(s) above; nothing was built", file=sys.stderr)
-        sys.exit(1)
+        _exit(found, prog)
 
 
-__all__ = ["PERCEPTUAL_OVERRIDE", "data_problems", "exit_on_problems", "gpu_problems", "lpips_problems", "problems"]
+__all__ = ["PERCEPTUAL_OVERRIDE", "data_problems", "enhancing_gpu_problems", "enhancing_lpips_problems",
+           "enhancing_problems", "exit_on_enhancing_problems", "exit_on_missing_config", "exit_on_problems",
+           "gpu_problems", "lpips_problems", "problems", "with_option"]

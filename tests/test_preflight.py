@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from adapters import preflight
-from conftest import LDM_TREE, ROOT, requires_ldm
+from conftest import ENHANCING_TREE, LDM_TREE, ROOT, requires_enhancing, requires_ldm
 
 CONFIGS = ROOT / "configs"
 
@@ -94,3 +94,93 @@ def test_paper_command_without_gpu_data_or_weights_says_all_three_before_buildin
     assert "Working with z of shape" not in res.stdout  # the model was never built
     assert not (tmp_path / "logs").exists()
     print(f"preflight exit after {took:.1f} s")
+
+
+# --- enhancing-transformers' main.py (patch 11): the same checks, each line with the command that fixes it ---------
+PAPER_ARGS = ["-c", "rot_vitvqgan_small", "-ng", "1"]
+
+
+def test_enhancing_gpu_line_gives_the_cpu_command(no_gpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    (line,) = preflight.enhancing_gpu_problems(1, PAPER_ARGS)
+    assert line.startswith("-ng 1 asks for a GPU but torch sees none")
+    assert "`python third_party/enhancing-transformers/main.py -c rot_vitvqgan_small -ng 0`" in line
+    assert preflight.enhancing_gpu_problems(0, ["-c", "x", "-ng", "0"]) == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    (line,) = preflight.enhancing_gpu_problems(4, ["-c", "x", "--num_gpus=4", "-e", "3"])
+    assert "sees 2" in line and "main.py -c x --num_gpus 2 -e 3`" in line
+    assert preflight.enhancing_gpu_problems(2, ["-c", "x", "-ng", "2"]) == []
+
+
+def test_with_option_replaces_or_appends() -> None:
+    names = ("-ng", "--num_gpus")
+    assert preflight.with_option(["-c", "a", "-ng", "2"], names, "0") == ["-c", "a", "-ng", "0"]
+    assert preflight.with_option(["-c", "a"], names, "0") == ["-c", "a", "-ng", "0"]  # upstream's default is 1
+
+
+@requires_enhancing
+@pytest.mark.enhancing
+def test_enhancing_data_and_vgg_lines(no_weights: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = OmegaConf.load(CONFIGS / "rot_vitvqgan_small.yaml")
+    (data,) = preflight.data_problems(config.dataset, section="dataset")  # train and validation: one line
+    assert data.startswith("no ImageNet root: `export IMAGENET_ROOT=/path/to/imagenet`")
+    assert "dataset.params.<split>.params.root" in data
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    monkeypatch.setenv("IMAGENET_ROOT", str(tmp_path / "imagenet"))
+    (data,) = preflight.data_problems(config.dataset, section="dataset")  # enhancing's classes: val for validation
+    assert str(tmp_path / "imagenet" / "val") in data and "`export IMAGENET_ROOT=" in data
+    (vgg,) = preflight.enhancing_lpips_problems(config.model, "rot_vitvqgan_small")
+    from adapters.losses import VGG16_FILE, VGG16_URL, lpips_weight_paths
+
+    path = lpips_weight_paths()[VGG16_FILE]
+    assert f"`mkdir -p {path.parent} && curl -L -o {path} {VGG16_URL}`" in vgg
+    assert "perceptual_weight: 0 in configs/rot_vitvqgan_small.yaml" in vgg
+    config.model.params.loss.params.perceptual_weight = 0.0
+    assert preflight.enhancing_lpips_problems(config.model) == []
+    config.model.params.loss.target = "enhancing.losses.vqperceptual.VQLPIPSWithDiscriminator"  # builds LPIPS anyway
+    assert len(preflight.enhancing_lpips_problems(config.model)) == 1
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    assert preflight.enhancing_lpips_problems(config.model) == []
+
+
+@requires_enhancing
+@pytest.mark.enhancing
+def test_vitvqgan_paper_command_on_a_cpu_machine_says_all_three_in_30_s(tmp_path: Path) -> None:
+    """README/docs: `python third_party/enhancing-transformers/main.py -c rot_vitvqgan_small -ng 1` without a GPU,
+    ImageNet or the VGG16 weights: exit 1 within 30 s, no traceback, one line per missing piece with its command."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", TORCH_HOME=str(tmp_path / "torch_home"),
+               ROTATION_TRICK_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.pop("IMAGENET_ROOT", None)
+    start = time.monotonic()
+    res = subprocess.run([sys.executable, str(ENHANCING_TREE / "main.py"), *PAPER_ARGS, "-o", str(tmp_path / "runs")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - start
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "Experiment config" not in res.stdout
+    lines = [line for line in res.stderr.splitlines() if line.startswith("main.py: ")]
+    assert len(lines) == 4, res.stderr[-3000:]  # three problems and the count
+    assert "-ng 1 asks for a GPU" in lines[0] and f"-ng 0 -o {tmp_path / 'runs'}`" in lines[0]  # the user's own command
+    assert "no ImageNet root: `export IMAGENET_ROOT=" in lines[1]
+    assert "vgg16-397923af.pth" in lines[2] and "curl -L -o" in lines[2]
+    assert lines[3].startswith("main.py: 3 problem(s) above; nothing was built")
+    assert "-c tiny_rot_vitvqgan -ng 0`" in lines[3]
+    assert not (tmp_path / "runs").exists()  # no run folder: nothing was built
+    # The 30 s target holds on an idle machine (7 s of CPU time, nearly all of it importing torch and Lightning);
+    # a machine busier than its cores stretches wall time by about load/cores.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    allowed = 30.0 * max(1.0, os.getloadavg()[0] / cores)
+    assert took <= allowed, f"took {took:.1f} s (allowed {allowed:.0f} s at this load)"
+    print(f"enhancing preflight exit after {took:.1f} s")
+
+
+@requires_enhancing
+@pytest.mark.enhancing
+def test_vitvqgan_missing_config_is_one_line(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(ENHANCING_TREE / "main.py"), "-c", "rot_vitvqgan_smal", "-ng", "0"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    (line,) = [line for line in res.stderr.splitlines() if line.startswith("main.py: ")]
+    assert line.startswith("main.py: configs/rot_vitvqgan_smal.yaml not found (configs here: ")
+    assert "rot_vitvqgan_small" in line

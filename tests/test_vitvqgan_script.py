@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapters.console import run_summary
 from conftest import ROOT, requires_enhancing
 
 pytestmark = requires_enhancing
@@ -165,6 +166,11 @@ def test_cpu_run_then_resume_twice_in_the_same_run_folder(tmp_path: Path) -> Non
     run = logs / "tiny_vitvqgan" / "a"
     first = run / "ckpt" / "tiny_vitvqgan-epoch=00.ckpt"
     assert first.is_file()
+    # the quiet console (patch 11): configs saved, not printed; Lightning's info lines gone; a summary at the end
+    assert f"Configs: {run / 'configs'}" in r.stdout and (run / "configs" / "model.yaml").is_file()
+    assert "Experiment config" not in r.stdout and "| Name " not in r.stdout + r.stderr
+    summary = r.stdout[r.stdout.index("Done. Run folder:"):]
+    assert str(run) in summary and f"checkpoint: {first}" in summary and "log/results/val/reconstructions_gs-" in summary
     rows = (run / "log" / "csv" / "metrics.csv").read_text().splitlines()
     # first resume, for real: one more epoch, written into the same run folder
     r = script("--resume", str(run), "--epochs", "2", "--logger", "csv", "--", "-b", "1000", env=env)
@@ -182,3 +188,22 @@ def test_cpu_run_then_resume_twice_in_the_same_run_folder(tmp_path: Path) -> Non
     # second resume: goes on from what the first resume saved, not from the run's first checkpoint
     r = script("--resume", str(run), "--epochs", "3", "--logger", "csv", "--dry-run")
     assert _resumed_from(r) == str(second) and "ENHANCING_RUN_ID=a " in r.stdout
+
+
+def test_run_summary_of_an_enhancing_run_folder(tmp_path: Path) -> None:
+    """adapters.console.run_summary(layout="enhancing"): log/results/ pictures, the newest checkpoint (never
+    crash.ckpt), the resume command, the CSV file when that logger ran."""
+    for split in ("train", "val"):
+        (tmp_path / "log" / "results" / split).mkdir(parents=True)
+        for step in (2, 10):
+            for kind in ("originals", "reconstructions", "codebook_usage"):
+                (tmp_path / "log" / "results" / split / f"{kind}_gs-{step:06}_e-000000_b-000000.png").touch()
+    _checkpoints(tmp_path, **{"c-epoch=00.ckpt": 1000.0, "last.ckpt": 1001.0, "crash.ckpt": 2000.0})
+    text = "\n".join(run_summary(tmp_path, layout="enhancing", config="c"))
+    assert "log/results/val/reconstructions_gs-000010" in text and "gs-000002" not in text
+    assert f"checkpoint: {tmp_path / 'ckpt' / 'last.ckpt'}" in text
+    assert f"main.py -c c -r {tmp_path / 'ckpt' / 'last.ckpt'}" in text and f"--resume {tmp_path}" in text
+    assert f"tensorboard --logdir {tmp_path / 'log'}" in text
+    (tmp_path / "log" / "csv").mkdir()
+    (tmp_path / "log" / "csv" / "metrics.csv").touch()
+    assert f"curves: {tmp_path / 'log' / 'csv' / 'metrics.csv'}" in "\n".join(run_summary(tmp_path, "enhancing"))
