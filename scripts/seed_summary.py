@@ -254,6 +254,33 @@ def curve_points(rec: Mapping[str, Any], every: int = 50) -> dict[str, list[list
     return out
 
 
+def window_mean(points: Sequence[tuple[int, float]], step: int, window: int = 50) -> Optional[float]:
+    """Mean of a logged training series over (step - window, step]: per-batch values are noisy, a window is not."""
+    vals = [v for s, v in points if step - window < s <= step]
+    return sum(vals) / len(vals) if vals else None
+
+
+def horizon_lines(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], names: Sequence[str],
+                  horizons: Sequence[int]) -> tuple[list[str], dict[str, Any]]:
+    """Training usage per batch and quantization error at each horizon (mean of the 50 logged steps up to it),
+    mean ± std over seeds: how the picture changes with training length, for every row."""
+    table: dict[str, Any] = {}
+    lines = ["Training curves at each horizon (mean over the 50 steps up to it; mean ± std over seeds):", "",
+             "| row | " + " | ".join(f"usage / batch @{h} | quant. error @{h}" for h in horizons) + " |",
+             "|---|" + "---|---|" * len(horizons)]
+    for row in names:
+        series = [training_series(r) for r in rows[row].values()]
+        cells, entry = [], {}
+        for h in horizons:
+            for name, kind in (("codebook_usage", "pct"), ("quant_error", "sci")):
+                vals = [v for v in (window_mean(s[name], h) for s in series if name in s) if v is not None]
+                entry[f"{name}@{h}"] = mean_std(vals) if vals else None
+                cells.append("-" if not vals else f"{fmt(mean_std(vals)[0], kind)} ± {fmt(mean_std(vals)[1], kind)}")
+        table[row] = entry
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines + [""], table
+
+
 def records_digest(rows: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[str]:
     from make_tables import record_digests
 
@@ -261,7 +288,8 @@ def records_digest(rows: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[
 
 
 def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command: Optional[str] = None,
-              wall_seconds: Optional[float] = None, plots: bool = True, overwrite: bool = False) -> dict[str, Any]:
+              wall_seconds: Optional[float] = None, plots: bool = True, overwrite: bool = False,
+              horizons: Sequence[int] = ()) -> dict[str, Any]:
     rows: dict[str, dict[int, dict[str, Any]]] = {}
     for label, out in outs:
         rows.update(collect(out, label))
@@ -272,7 +300,7 @@ def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command:
                          "--overwrite to replace it")
     report.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"command": command, "wall_seconds": wall_seconds, "records": digests, "rows": {},
-                               "comparisons": []}
+                               "comparisons": [], "horizons": {}}
     lines = ["# Across-seed summary", ""]
     if command:
         lines += [f"Command: `{command}`" + (f" ({wall_seconds / 60:.1f} min wall)" if wall_seconds else ""), ""]
@@ -316,6 +344,9 @@ def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command:
                         c = compare(rows, f"{la}/{row}", f"{lb}/{row}", f"{la} - {lb}", setting_varies=True)
                         summary["comparisons"].append(c)
                         lines += comparison_lines(c)
+        if horizons:
+            hl, summary["horizons"][family] = horizon_lines(rows, fam_rows, horizons)
+            lines += hl
         if plots and plot_bands(rows, family, report / f"training_seeds_{family}.png"):
             lines += [f"![training curves]({f'training_seeds_{family}.png'})", ""]
     lines += ["Verdicts: 'better'/'worse' (for the first row of the pair) only when every seed agrees in sign; with 3 "
@@ -337,11 +368,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--wall-seconds", type=float, default=None)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a summary made from other records")
+    p.add_argument("--horizons", default="", help="training steps at which to read every row's training curves, "
+                                                  "e.g. 200,2000 (the mean over the 50 steps up to each)")
     a = p.parse_args(argv)
     outs = [(o.split("=", 1)[0], Path(o.split("=", 1)[1])) if "=" in o else (None, Path(o)) for o in a.outs]
     if len(outs) > 1 and any(label is None for label, _ in outs):
         p.error("with several OUT folders, give each a label: LABEL=OUT")
-    return summarise(outs, Path(a.report), a.command, a.wall_seconds, not a.no_plots, a.overwrite)
+    horizons = [int(h) for h in a.horizons.split(",") if h]
+    return summarise(outs, Path(a.report), a.command, a.wall_seconds, not a.no_plots, a.overwrite, horizons)
 
 
 if __name__ == "__main__":

@@ -155,3 +155,25 @@ def test_cli_compares_the_same_row_across_labelled_runs(tmp_path: Path) -> None:
     assert across["config_differs_in"] == ["model.params.quantizer_config.codebook_init"]
     assert across["metrics"]["codebook_usage_per_batch"]["diffs"] == [pytest.approx(0.29)]
     assert "configs differ in model.params.quantizer_config.codebook_init" in (tmp_path / "r" / "seeds.md").read_text()
+
+
+def test_horizon_table_reads_each_rows_training_curves(tmp_path: Path) -> None:
+    """The usage and quantization error at each horizon: the mean of the logged steps in (h - 50, h], per seed."""
+    recs = {}
+    for seed in (0, 1):
+        for row, grad, scale in (("vqgan_ste", "ste", 1.0), ("vqgan_rot", "rotation_released", 2.0)):
+            run = tmp_path / "logs" / f"{row}{seed}"
+            (run / "checkpoints").mkdir(parents=True)
+            lines = ["step,train/codebook_usage_step,train/quant_error_step"]
+            lines += [f"{s},{scale * s / 1000 + seed * 0.01},{1.0 / s}" for s in range(10, 2001, 10)]
+            (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+            rec = _record(row, grad, seed)
+            rec["checkpoint"]["path"] = str(run / "checkpoints" / "last.ckpt")
+            recs[(seed, row)] = rec
+    s = _summary(tmp_path, recs, horizons=(200, 2000))
+    h = s["horizons"]["vqgan"]
+    # steps 160..200 for @200: mean step 180 -> usage 0.18 (STE) + seed offset; two seeds -> +0.005 on average
+    assert h["vqgan_ste"]["codebook_usage@200"][0] == pytest.approx(0.18 + 0.005)
+    assert h["vqgan_rot"]["codebook_usage@2000"][0] == pytest.approx(2 * 1.98 + 0.005)
+    assert "usage / batch @200" in (tmp_path / "report" / "seeds.md").read_text()
+    assert s["rows"]["vqgan_rot"]["curves"][0]["codebook_usage"][0][-1] == 2000.0  # kept for redrawing
