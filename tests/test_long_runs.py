@@ -1,7 +1,8 @@
 """Long runs that survive, through the real latent-diffusion main.py (patched) in a subprocess on CPU: a SIGKILL
 mid-epoch resumes at the last step-interval checkpoint, a failed resume leaves every checkpoint byte-identical,
-SIGTERM/SIGUSR1 save and exit 0, a diverged run stops with one line, -r takes any checkpoint path, accumulation
-runs, a moved run folder resumes into its own last.ckpt, a misspelt section stops the run.
+SIGTERM/SIGUSR1 save and exit 0, Ctrl-C during a resume writes nothing and Ctrl-C after a step saves once (through
+the run guard, not upstream's SetupCallback), a diverged run stops with one line, -r takes any checkpoint path,
+accumulation runs, a moved run folder resumes into its own last.ckpt, a misspelt section stops the run.
 
 Each run is a few tiny steps (8-crop epochs of 64x64 images, batch 4). Marked ``longrun``: the quick suite skips
 them with ``-m "not longrun"``; CI runs them whenever the tree is present.
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -30,15 +32,16 @@ FAST = ["data.params.train.params.length=64", "data.params.validation.params.len
         "lightning.callbacks.image_logger.params.batch_frequency=1000"]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
+def _env(extra_path: Optional[Path] = None) -> dict[str, str]:
+    path = os.pathsep.join([str(ROOT)] + ([str(extra_path)] if extra_path else []))
+    env = dict(os.environ, PYTHONPATH=path, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("LDM_MAIN_RUN_TIME", None)  # each run its own folder
     return env
 
 
-def run_main(args: list[str], logdir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(MAIN), "-l", str(logdir), *args], cwd=ROOT, env=_env(),
+def run_main(args: list[str], logdir: Path, timeout: int = 300,
+             extra_path: Optional[Path] = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(MAIN), "-l", str(logdir), *args], cwd=ROOT, env=_env(extra_path),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -161,6 +164,75 @@ def test_preemption_signal_saves_and_exits_zero(tmp_path: Path, signum: int) -> 
     stopped = int(out.split("RunGuard: stopped at step ")[1].split()[0])
     assert load(ckpt)["global_step"] == stopped >= 2
     assert stopped < 16  # stopped within the epoch, not at its end
+
+
+# A callback main.py loads from the config (lightning.callbacks.ctrl_c.target=ctrl_c_probe.CtrlC): Ctrl-C as a
+# terminal sends it (SIGINT to the process) in on_fit_start or at the start of the batch that begins at `step`, and a
+# log of every checkpoint write asked of the run's checkpoint IO (upstream's SetupCallback saved through it too).
+CTRL_C_PROBE = """
+import os
+import signal
+
+from pytorch_lightning import Callback
+
+
+class CtrlC(Callback):
+    def __init__(self, hook, saves_log, step=0):
+        self.hook, self.saves_log, self.step = hook, saves_log, step
+
+    def on_fit_start(self, trainer, pl_module):
+        io = trainer.strategy.checkpoint_io
+        save = io.save_checkpoint
+
+        def logged(checkpoint, path, storage_options=None):
+            with open(self.saves_log, "a") as f:
+                f.write(f"{os.path.basename(path)} {checkpoint['global_step']}\\n")
+            save(checkpoint, path, storage_options)
+
+        io.save_checkpoint = logged
+        if self.hook == "on_fit_start":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.hook == "on_train_batch_start" and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+"""
+
+
+def ctrl_c_args(tmp_path: Path, hook: str, step: int = 0) -> tuple[list[str], Path]:
+    """Overrides that add the Ctrl-C probe, and the file its save log goes to."""
+    (tmp_path / "ctrl_c_probe.py").write_text(CTRL_C_PROBE)
+    log = tmp_path / "saves.log"
+    return ["lightning.callbacks.ctrl_c.target=ctrl_c_probe.CtrlC", f"lightning.callbacks.ctrl_c.params.hook={hook}",
+            f"lightning.callbacks.ctrl_c.params.saves_log={log}", f"lightning.callbacks.ctrl_c.params.step={step}"], log
+
+
+def test_ctrl_c_while_a_run_resumes_leaves_last_ckpt_byte_identical(trained_run: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(trained_run, tmp_path)
+    ckpts = run_dir / "checkpoints"
+    before = digests(ckpts)
+    probe, saves = ctrl_c_args(tmp_path, "on_fit_start")  # weights restored, step and optimizers not yet
+    proc = run_main(["-r", str(run_dir), "-t", "lightning.trainer.max_steps=8", *probe], tmp_path / "unused",
+                    extra_path=tmp_path)
+    assert proc.returncode == 1, failed(proc)
+    assert digests(ckpts) == before  # upstream's SetupCallback saved global_step 0 with empty Adam state here
+    assert not saves.exists(), saves.read_text()
+    out = proc.stdout + proc.stderr
+    assert "RunGuard: training had not started (KeyboardInterrupt); no checkpoint written" in out, out[-3000:]
+
+
+def test_ctrl_c_after_a_step_saves_once_through_the_run_guard_at_the_true_step(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    probe, saves = ctrl_c_args(tmp_path, "on_train_batch_start", step=2)  # during the batch that makes step 3
+    proc = run_main([*TINY, "lightning.trainer.max_steps=200", *FAST, *probe], logs, extra_path=tmp_path)
+    assert proc.returncode == 1, failed(proc)
+    ckpt = only_run(logs) / "checkpoints" / "last.ckpt"
+    assert saves.read_text().split("\n")[:-1] == ["last.ckpt 3"]  # one save (upstream's made a second, at step 2)
+    assert load(ckpt)["global_step"] == 3
+    assert all(s["state"] for s in load(ckpt)["optimizer_states"][:1])  # the trained state, Adam moments included
+    out = proc.stdout + proc.stderr
+    assert f"RunGuard: stopped at step 3 (Ctrl-C); last.ckpt holds step 3: resume from {ckpt}" in out, out[-3000:]
+    assert "Summoning checkpoint" not in out
 
 
 def test_diverged_run_stops_with_one_line_and_keeps_a_finite_checkpoint(tmp_path: Path) -> None:

@@ -119,8 +119,11 @@ def test_bad_options_are_refused_with_the_valid_ones() -> None:
         RotationVectorQuantizer(64, 3, codebook_init="kmean")
     with pytest.raises(ValueError, match="kmeans_iters"):
         RotationVectorQuantizer(64, 3, codebook_init="kmeans", kmeans_iters=-1)
-    with pytest.raises(ValueError, match=r"unknown quantizer option\(s\) \['codebook_int'\]; valid: .*codebook_init"):
+    with pytest.raises(ValueError, match=r"unknown quantizer option\(s\) \['codebook_int'\] for NormRotationQuantizer; "
+                                         r"valid: .*codebook_init"):
         NormRotationQuantizer(8, 64, codebook_int="kmeans")
+    with pytest.raises(ValueError, match=r"\['serach'\] for RotationVectorQuantizer; valid: n_e, e_dim, .*search"):
+        RotationVectorQuantizer(64, 3, serach="blocked")
 
 
 def test_lloyd_is_a_fixed_point_of_the_float64_oracle() -> None:

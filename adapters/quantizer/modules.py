@@ -22,6 +22,13 @@ from .search import check_search, find_nearest
 from .stats import CodebookStats
 
 
+def refuse_unknown_options(cls: type, kwargs: dict[str, Any]) -> None:
+    """One ValueError naming unknown constructor options and the valid ones: a misspelt option must not be ignored."""
+    if kwargs:
+        valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
+        raise ValueError(f"unknown quantizer option(s) {sorted(kwargs)} for {cls.__name__}; valid: {', '.join(valid)}")
+
+
 class RotationVectorQuantizer(VectorQuantizer2):
     """taming's ``VectorQuantizer2`` with the rotation trick (or another named estimator) in place of the copy.
 
@@ -46,7 +53,8 @@ class RotationVectorQuantizer(VectorQuantizer2):
                  unknown_index: Any = "random", sane_index_shape: bool = False, legacy: bool = True,
                  gradient: str = "rotation", use_norm: bool = False, search_chunk_size: Optional[int] = None,
                  search_max_bytes: int = 64 * 2**20, track_stats: bool = True, search: str = "auto",
-                 codebook_init: str = "upstream", kmeans_iters: int = 10) -> None:
+                 codebook_init: str = "upstream", kmeans_iters: int = 10, **kwargs: Any) -> None:
+        refuse_unknown_options(type(self), kwargs)
         super().__init__(n_e, e_dim, beta, remap=remap, unknown_index=unknown_index,
                          sane_index_shape=sane_index_shape, legacy=legacy)
         self.gradient = check_gradient(gradient)
@@ -179,11 +187,7 @@ class NormRotationQuantizer(RotationVectorQuantizer):
                  search_chunk_size: Optional[int] = None, track_stats: bool = True, search: str = "auto",
                  search_max_bytes: int = 64 * 2**20, codebook_init: str = "upstream", kmeans_iters: int = 10,
                  **kwargs: Any) -> None:
-        if kwargs:
-            # Upstream's VectorQuantizer swallows unknown keys; a misspelt option must not silently do nothing.
-            valid = [p for p in inspect.signature(NormRotationQuantizer.__init__).parameters
-                     if p not in ("self", "kwargs")]
-            raise ValueError(f"unknown quantizer option(s) {sorted(kwargs)}; valid: {', '.join(valid)}")
+        refuse_unknown_options(type(self), kwargs)  # upstream's VectorQuantizer swallows unknown keys silently
         if use_residual:
             raise ValueError("use_residual (residual VQ) is not supported by the rotation-trick quantizer; "
                              "set quantizer.use_residual: false")
