@@ -134,7 +134,8 @@ if __name__ == "__main__":
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:
-        from adapters.errors import UserError  # its message says what to do: missing weights, untrusted checkpoint
+        # its message says what to do: missing weights, untrusted checkpoint
+        from adapters.runtime.errors import UserError
         if not isinstance(err, UserError):
             raise
         print(f"evaluate.py: error: {err}", file=sys.stderr)

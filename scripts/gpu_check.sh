@@ -52,7 +52,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from adapters.data import SKIMAGE_PHOTOS, load_photo
+from adapters.evaluation.data import SKIMAGE_PHOTOS, load_photo
 
 root, n_train, n_val = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 photos = [Image.fromarray(load_photo(name)) for name, _, _ in SKIMAGE_PHOTOS]
@@ -73,7 +73,7 @@ if [[ $MODE == data ]]; then
 fi
 
 # LPIPS weights: the Table 3 loss needs both files, the Table 4 loss torchvision's VGG16 only.
-MISSING="$("$PY" -c 'from adapters.losses import lpips_weight_paths as p
+MISSING="$("$PY" -c 'from adapters.integrations.losses import lpips_weight_paths as p
 print(" ".join(n for n, f in p().items() if not f.is_file()))' 2>/dev/null || echo "unknown")"
 T3_LOSS=() T4_LOSS=() MAIN_LOSS=()
 if [[ -n "$MISSING" ]]; then

@@ -452,7 +452,8 @@ OUTPUT_FILES = tuple(f"{stem}{table}.{ext}" for table in (3, 4) for stem, ext in
 
 def record_digests(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """sha256 of each record file, sorted: what identifies the records a report was made from."""
-    # Of the parsed content, not the bytes: a record rewritten in the compact form (adapters.records) is the same record.
+    # Of the parsed content, not the bytes: a record rewritten in the compact form (adapters.evaluation.records) is
+    # the same record.
     return sorted(hashlib.sha256(json.dumps(json.loads(Path(r["_path"]).read_text()), sort_keys=True).encode())
                   .hexdigest() for r in records)
 

@@ -149,8 +149,8 @@ if [[ "$SCALE" == tiny ]]; then
   ALL_ROWS="vqgan_ste vqgan_rot vqgan_gumbel vit_ste vit_rot"
   SPEC[vqgan_ste]="ldm|configs/tiny_vqgan.yaml|64x64x3|tiny VQGAN (STE)|"
   SPEC[vqgan_rot]="ldm|configs/tiny_rot_vqgan.yaml|64x64x3|tiny VQGAN w/ rotation trick|"
-  # The Gumbel baseline is the STE config with taming's Gumbel quantizer swapped in (adapters.ldm.GumbelVQModel).
-  SPEC[vqgan_gumbel]="ldm|configs/tiny_vqgan.yaml|64x64x3|tiny Gumbel VQGAN|model.target=adapters.ldm.GumbelVQModel model.params.kl_weight=1.0e-08"
+  # The Gumbel baseline is the STE config with taming's Gumbel quantizer swapped in (adapters.integrations.ldm.GumbelVQModel).
+  SPEC[vqgan_gumbel]="ldm|configs/tiny_vqgan.yaml|64x64x3|tiny Gumbel VQGAN|model.target=adapters.integrations.ldm.GumbelVQModel model.params.kl_weight=1.0e-08"
   SPEC[vit_ste]="enh|tiny_vitvqgan||tiny ViT-VQGAN (STE)|"
   SPEC[vit_rot]="enh|tiny_rot_vitvqgan||tiny ViT-VQGAN w/ rotation trick|"
   EVAL_IMAGES="${EVAL_IMAGES:-64}"

@@ -9,8 +9,8 @@
 The model is a ``from_pretrained`` folder or hub id (``--pretrained``, ``--subfolder``), a diffusers config file
 (``--config FILE``), or a built-in size (``--config small``, default; ``tiny`` for smoke tests). Its quantizer is
 swapped for the project's (same weights, keys and forward; the gradient is ``--gradient``'s). The data are the
-project's sources (``adapters.data``): random crops of scikit-image's bundled photographs (offline, default; crops
-of held-out photographs for the images) or a local ImageNet folder (``--data imagenet``).
+project's sources (``adapters.evaluation.data``): random crops of scikit-image's bundled photographs (offline, default;
+crops of held-out photographs for the images) or a local ImageNet folder (``--data imagenet``).
 
 Loss: L1 (or ``--loss mse``) reconstruction plus the quantizer's codebook/commitment loss times ``--commit-weight``
 (no LPIPS, no discriminator: latent-diffusion's main.py with the project's configs is the full VQGAN loop).
@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from adapters.quantizer import GRADIENTS, SEARCHES, CodebookStats, codebook_log_dict  # noqa: E402
-from adapters.swap import swap_quantizers  # noqa: E402
+from adapters.integrations.swap import swap_quantizers  # noqa: E402
 
 PROG = "train_diffusers_vq.py"
 # Built-in sizes: down/up blocks of these widths (each halves the side), latent = 4 channels, codes of dim 4.
@@ -119,13 +119,14 @@ def build_model(args: argparse.Namespace) -> Any:
 
 def datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
     """(training crops, held-out images); items {"image": float (3, H, W) in [0, 1], ...}."""
-    from adapters import data as D
+    from adapters.evaluation import data as D
 
     if args.data == "imagenet":
         root = args.imagenet_root or None
         return (D.ImageNetTrain(root=root, size=args.size, layout="chw"),
                 D.ImageNetValidation(root=root, size=args.size, layout="chw", max_images=args.val_images))
-    # held-out photographs for the pictures, where adapters.data defines them (else crops of all, at fixed places)
+    # held-out photographs for the pictures, where adapters.evaluation.data defines them (else crops of all, at fixed
+    # places)
     train_photos, held_out = getattr(D, "TRAIN_PHOTOS", None), getattr(D, "HELD_OUT_PHOTOS", None)
     length = max(args.batch_size * 50, args.batch_size)
     return (D.PhotoCrops(size=args.size, length=length, photos=train_photos, random_crop=True,
@@ -181,7 +182,7 @@ def train(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        from adapters.console import auto_threads
+        from adapters.runtime.console import auto_threads
 
         torch.set_num_threads(auto_threads())  # oversubscribed threads made CPU training 3x slower here
     model = build_model(args).to(device)

@@ -1,9 +1,9 @@
 """Gradient accumulation (``update_every``) of RotationVQModel and RotationViTVQ under a real Lightning Trainer on CPU.
 
 Lightning 2 refuses ``accumulate_grad_batches`` for models that optimise manually; the patched main.py files set
-``model.update_every = N`` instead and the wrappers accumulate as Lightning 1.x did (adapters.lightning_compat's
-``AccumulatedUpdate``): loss / N per batch, both optimizers stepped at every N-th batch and at an epoch's last batch,
-the lr schedulers and ``global_step`` once per update.
+``model.update_every = N`` instead and the wrappers accumulate as Lightning 1.x did
+(adapters.integrations.lightning_compat's ``AccumulatedUpdate``): loss / N per batch, both optimizers stepped at every
+N-th batch and at an epoch's last batch, the lr schedulers and ``global_step`` once per update.
 
 Both models are built in-process from configs/tiny_*.yaml; the images are fixed random tensors, in the batch format
 each codebase expects (latent-diffusion ``{"image": (B, H, W, 3) in [-1, 1]}``, enhancing ``{"image": (B, 3, H, W)

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from adapters.codebook_logging import stats_paused, usage_picture
+from adapters.evaluation.codebook_logging import stats_paused, usage_picture
 from adapters.quantizer import RotationVectorQuantizer
 
 

@@ -1,4 +1,4 @@
-"""adapters.data: local ImageNet folders (layout, preprocessing, subsets, errors) and the offline photographs."""
+"""adapters.evaluation.data: local ImageNet folders (layout, preprocessing, subsets, errors), offline photographs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adapters.data import (DataError, ImageNetFolder, ImageNetTrain, ImageNetValidation, PhotoCrops,
+from adapters.evaluation.data import (DataError, ImageNetFolder, ImageNetTrain, ImageNetValidation, PhotoCrops,
                            resize_and_crop)
 
 
@@ -138,7 +138,7 @@ def test_resize_is_bilinear_without_antialias_like_taming_cv2() -> None:
     would blur over a wider window."""
     from PIL import Image
 
-    from adapters.data import resize_and_crop
+    from adapters.evaluation.data import resize_and_crop
 
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
@@ -152,7 +152,7 @@ def test_random_crops_follow_torch_seed() -> None:
     import torch
     from PIL import Image
 
-    from adapters.data import resize_and_crop
+    from adapters.evaluation.data import resize_and_crop
 
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (80, 120, 3), dtype=np.uint8))
     torch.manual_seed(3)

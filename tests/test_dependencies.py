@@ -166,7 +166,7 @@ def test_the_scan_sees_the_upstream_code_the_project_runs() -> None:
     when present; requests comes only from taming/util.py."""
     external, files = scan()
     names = {_module_name(p) for p in files}
-    assert {"taming.util", "taming.modules.losses.vqperceptual", "adapters.losses"} <= names
+    assert {"taming.util", "taming.modules.losses.vqperceptual", "adapters.integrations.losses"} <= names
     assert any("taming/util.py" in f for f in external["requests"])
     if HAS_LDM:
         assert {"ldm.models.autoencoder", "ldm.lr_scheduler"} <= names and LDM_TREE / "main.py" in files
@@ -179,7 +179,7 @@ def test_a_fresh_interpreter_imports_every_module_reached() -> None:
     _, files = scan()
     modules = sorted({m for p in files if (m := _module_name(p))})
     mains = [tree / "main.py" for tree, present in ((LDM_TREE, HAS_LDM), (ENHANCING_TREE, HAS_ENHANCING)) if present]
-    absent = [top for top in ("ldm", "enhancing") if BASES[top] is None]  # adapters.ldm needs ldm, ...
+    absent = [top for top in ("ldm", "enhancing") if BASES[top] is None]  # adapters.integrations.ldm needs ldm, ...
     code = "\n".join([
         "import importlib, importlib.util, sys",
         f"sys.path[:0] = {[str(ROOT)] + [str(m.parent) for m in mains]!r}",

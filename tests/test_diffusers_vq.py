@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from adapters import swap_quantizers
-from adapters.swap import DiffusersRotationQuantizer
+from adapters.integrations.swap import DiffusersRotationQuantizer
 from conftest import ROOT
 
 diffusers = pytest.importorskip(

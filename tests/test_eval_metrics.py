@@ -1,11 +1,11 @@
-"""Metric functions of adapters.metrics: FID/IS against closed forms, PSNR/SSIM against references, weight errors."""
+"""adapters.evaluation.metrics: FID/IS against closed forms, PSNR/SSIM against references, weight errors."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from adapters import metrics as M
+from adapters.evaluation import metrics as M
 
 
 def _moments(x: np.ndarray, chunks: int = 3) -> M.FeatureMoments:

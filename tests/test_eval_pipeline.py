@@ -195,7 +195,7 @@ def test_evaluate_script_end_to_end(tmp_path, inception_weights) -> None:
     assert m["r_fid"] >= -1e-6 and m["r_is"] >= 1.0 - 1e-6
 
     # The same numbers computed independently from the model and the same crops.
-    from adapters.data import PhotoCrops
+    from adapters.evaluation.data import PhotoCrops
 
     crops = PhotoCrops(size=16, length=3, random_crop=False, seed=0)
     images = torch.stack([torch.from_numpy(crops[i]["image"]) for i in range(3)])
@@ -309,7 +309,7 @@ def test_upstream_latent_diffusion_vqmodel_checkpoint(tmp_path) -> None:
         "embed_dim": 3, "n_embed": 16,
         "ddconfig": {"double_z": False, "z_channels": 3, "resolution": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
                      "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
-        "lossconfig": {"target": "adapters.losses.VQLPIPSWithDiscriminator",
+        "lossconfig": {"target": "adapters.integrations.losses.VQLPIPSWithDiscriminator",
                        "params": {"disc_start": 0, "perceptual_weight": 0.0, "disc_num_layers": 1, "disc_ndf": 8}}}}}
     cfg_path = tmp_path / "ldm.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))

@@ -137,7 +137,7 @@ def test_small_init_kmeans_and_regime_rows(tmp_path) -> None:
 
 
 def test_regime_config_differs_from_the_small_one_only_in_the_codebook_size() -> None:
-    from adapters.model_loading import load_config
+    from adapters.evaluation.model_loading import load_config
 
     a, b = load_config(ROOT / "configs" / "small_regime_vqgan.yaml"), load_config(ROOT / "configs" / "small_rot_vqgan.yaml")
     assert a.model.params.n_embed == 128 and b.model.params.n_embed == 8192

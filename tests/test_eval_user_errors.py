@@ -5,7 +5,7 @@
   unresolvable ``${...}``;
 - a loss module that logs no ``val/rec_loss`` (it raised a KeyError).
 
-Each is an ``adapters.errors.UserError`` (``one_line``), which ``scripts/evaluate.py`` prints as
+Each is an ``adapters.runtime.errors.UserError`` (``one_line``), which ``scripts/evaluate.py`` prints as
 ``evaluate.py: error: ...`` with exit status 2.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import yaml
 from torch import nn
 
 from adapters import evaluation as E
-from adapters.errors import UserError
+from adapters.runtime.errors import UserError
 from conftest import ROOT
 
 EVALUATE = ROOT / "scripts" / "evaluate.py"
@@ -148,7 +148,8 @@ def test_evaluate_with_a_config_missing_a_key_is_one_line(tmp_path: Path) -> Non
 
 def test_a_validation_dataset_config_missing_a_key_is_one_line(tmp_path: Path) -> None:
     cfg = _config(tmp_path, {"target": "test_eval_pipeline.TinyVQ", "params": {"n_embed": 16}},
-                  data={"params": {"validation": {"target": "adapters.data.PhotoCrops", "params": {"sizes": 16}}}})
+                  data={"params": {"validation": {"target": "adapters.evaluation.data.PhotoCrops",
+                                                  "params": {"sizes": 16}}}})
     loaded = E.load_model(cfg, None)
     with pytest.raises(UserError) as info:
         E.build_dataset(loaded, "config")

@@ -91,7 +91,7 @@ def test_dry_run_commands_point_at_real_configs_and_keys(tmp_path: Path) -> None
 def test_offline_data_is_an_imagenet_folder_the_configs_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from omegaconf import OmegaConf
 
-    from adapters.data import ImageNetTrain, ImageNetValidation
+    from adapters.evaluation.data import ImageNetTrain, ImageNetValidation
 
     r = run("--offline-data", str(tmp_path / "data"))
     assert r.returncode == 0, r.stderr

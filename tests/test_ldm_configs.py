@@ -17,14 +17,14 @@ SHAPES = {
     "32x3": (3, 16384, [1, 2, 2, 4], [32], 1, 0.6, 2, 8),
 }
 TABLE3 = {  # config -> (shape key, model target, gradient)
-    "rot_vqgan_64": ("64", "adapters.ldm.RotationVQModel", "rotation_released"),
-    "rot_vqgan_32": ("32", "adapters.ldm.RotationVQModel", "rotation_released"),
-    "rot_vqgan_32x3": ("32x3", "adapters.ldm.RotationVQModel", "rotation_released"),
-    "vqgan_64": ("64", "adapters.ldm.RotationVQModel", "ste"),
-    "vqgan_32": ("32", "adapters.ldm.RotationVQModel", "ste"),
-    "vqgan_32x3": ("32x3", "adapters.ldm.RotationVQModel", "ste"),
-    "gumbel_vqgan_64": ("64", "adapters.ldm.GumbelVQModel", None),
-    "gumbel_vqgan_32": ("32", "adapters.ldm.GumbelVQModel", None),
+    "rot_vqgan_64": ("64", "adapters.integrations.ldm.RotationVQModel", "rotation_released"),
+    "rot_vqgan_32": ("32", "adapters.integrations.ldm.RotationVQModel", "rotation_released"),
+    "rot_vqgan_32x3": ("32x3", "adapters.integrations.ldm.RotationVQModel", "rotation_released"),
+    "vqgan_64": ("64", "adapters.integrations.ldm.RotationVQModel", "ste"),
+    "vqgan_32": ("32", "adapters.integrations.ldm.RotationVQModel", "ste"),
+    "vqgan_32x3": ("32x3", "adapters.integrations.ldm.RotationVQModel", "ste"),
+    "gumbel_vqgan_64": ("64", "adapters.integrations.ldm.GumbelVQModel", None),
+    "gumbel_vqgan_32": ("32", "adapters.integrations.ldm.GumbelVQModel", None),
 }
 
 
@@ -48,7 +48,7 @@ def test_paper_hyperparameters_are_in_the_file(name: str) -> None:
     assert loss.get("disc_num_layers", 3) == (disc_layers or 3)
     assert cfg.data.params.batch_size == 16 and cfg.lightning.trainer.max_epochs == 4
     assert cfg.data.params.train.params.size == 256
-    assert cfg.data.params.train.target == "adapters.data.ImageNetTrain"
+    assert cfg.data.params.train.target == "adapters.evaluation.data.ImageNetTrain"
 
 
 @requires_ldm

@@ -1,4 +1,4 @@
-"""adapters.losses: taming's VQ-GAN loss without LPIPS when its weight is 0; a clear error when weights are missing."""
+"""adapters.integrations.losses: taming's VQ-GAN loss without LPIPS at weight 0; a clear error for missing weights."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.losses import MissingWeightsError, VQLPIPSWithDiscriminator
+from adapters.integrations.losses import MissingWeightsError, VQLPIPSWithDiscriminator
 
 
 def test_zero_perceptual_weight_builds_no_lpips_and_matches_taming_formula() -> None:

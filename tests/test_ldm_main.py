@@ -94,7 +94,7 @@ def test_missing_imagenet_root_is_one_clear_error(tmp_path: Path) -> None:
         if env_root is not None:
             os.environ["IMAGENET_ROOT"] = env_root
     assert proc.returncode != 0
-    # found by the preflight check (adapters.preflight) before the model is built: one line, no traceback
+    # found by the preflight check (adapters.runtime.preflight) before the model is built: one line, no traceback
     assert "main.py: no ImageNet root" in proc.stderr and "IMAGENET_ROOT" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "NameError" not in proc.stderr

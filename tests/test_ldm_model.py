@@ -1,4 +1,4 @@
-"""adapters.ldm against latent-diffusion's own VQModel: equivalence under ste, checkpoints, training loop, errors."""
+"""adapters.integrations.ldm against latent-diffusion's VQModel: ste equivalence, checkpoints, training loop, errors."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +13,7 @@ pytestmark = [requires_ldm, pytest.mark.ldm]
 
 DDCONFIG = dict(double_z=False, z_channels=3, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
                 num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-LOSS = {"target": "adapters.losses.VQLPIPSWithDiscriminator",
+LOSS = {"target": "adapters.integrations.losses.VQLPIPSWithDiscriminator",
         "params": {"disc_start": 0, "disc_in_channels": 3, "disc_num_layers": 2, "disc_ndf": 8,
                    "perceptual_weight": 0.0, "disc_weight": 0.75, "codebook_weight": 1.0}}
 
@@ -29,7 +29,7 @@ def _upstream(**extra: object):
 
 
 def _ours(**extra: object):
-    from adapters.ldm import RotationVQModel
+    from adapters.integrations.ldm import RotationVQModel
     torch.manual_seed(0)
     return RotationVQModel(**_kwargs(**extra))
 
@@ -100,7 +100,7 @@ def test_upstream_checkpoint_loads_without_missing_or_unexpected_keys(tmp_path: 
 
 
 def test_gumbel_baseline_forward_and_keys() -> None:
-    from adapters.ldm import GumbelVQModel
+    from adapters.integrations.ldm import GumbelVQModel
     torch.manual_seed(0)
     model = GumbelVQModel(**_kwargs(temperature_scheduler_config={
         "target": "ldm.lr_scheduler.LambdaWarmUpCosineScheduler",
@@ -127,7 +127,7 @@ def test_unknown_options_are_rejected(kwargs: dict, message: str) -> None:
 
 
 def test_loss_without_predicted_indices_is_rejected() -> None:
-    from adapters.ldm import RotationVQModel
+    from adapters.integrations.ldm import RotationVQModel
     kw = _kwargs()
     kw["lossconfig"] = {"target": "taming.modules.losses.vqperceptual.DummyLoss"}
     with pytest.raises(ValueError, match="predicted_indices"):
@@ -135,7 +135,7 @@ def test_loss_without_predicted_indices_is_rejected() -> None:
 
 
 def test_gumbel_rejects_a_gradient_choice() -> None:
-    from adapters.ldm import GumbelVQModel
+    from adapters.integrations.ldm import GumbelVQModel
     with pytest.raises(ValueError, match="GumbelVQModel"):
         GumbelVQModel(**_kwargs(gradient="rotation"))
 
@@ -144,7 +144,7 @@ def test_manual_optimisation_counts_batches_and_updates_both_nets(tmp_path: Path
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
-    from adapters.data import PhotoCrops
+    from adapters.evaluation.data import PhotoCrops
 
     model = _ours(gradient="rotation_released", use_ema=True, scheduler_config={
         "target": "ldm.lr_scheduler.LambdaLinearScheduler",
@@ -178,8 +178,8 @@ def test_gumbel_baseline_trains_with_annealed_temperature(tmp_path: Path) -> Non
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
-    from adapters.data import PhotoCrops
-    from adapters.ldm import GumbelVQModel
+    from adapters.evaluation.data import PhotoCrops
+    from adapters.integrations.ldm import GumbelVQModel
 
     torch.manual_seed(0)
     model = GumbelVQModel(**_kwargs(temperature_scheduler_config={
@@ -204,7 +204,7 @@ def test_resume_with_an_lr_scheduler(tmp_path) -> None:
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
-    from adapters.data import PhotoCrops
+    from adapters.evaluation.data import PhotoCrops
 
     def make():
         m = _ours(gradient="rotation_released", scheduler_config={

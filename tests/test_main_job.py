@@ -1,6 +1,6 @@
 """The README's main job (latent-diffusion main.py, configs/tiny_rot_vqgan.yaml) is quiet and ends saying where to
 look: no "pop from empty list", no Lightning warnings caused by the project's code, no YAML dumps; validation images
-are written; the last lines name the images and the checkpoint. Plus the pieces behind it (adapters.console)."""
+are written; the last lines name the images and the checkpoint. Plus the pieces behind it (adapters.runtime.console)."""
 from __future__ import annotations
 
 import os
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.codebook_logging import usage_figure
-from adapters.console import CpuThreads, auto_threads, run_summary
+from adapters.evaluation.codebook_logging import usage_figure
+from adapters.runtime.console import CpuThreads, auto_threads, run_summary
 from conftest import LDM_TREE, ROOT, requires_ldm
 
 NOISE = ["pop from empty list", "Trying to infer the `batch_size`", "in eval mode", "LeafSpec", "Traceback",

@@ -1,8 +1,9 @@
 """A NaN or infinite training loss stops both wrappers with NonFiniteLossError before it reaches the weights.
 
 Issue 11: ``main.py ... model.base_learning_rate=10 ...disc_start=0`` used to train on with NaN losses and exit 0.
-Now each loss is checked before its backward (adapters.lightning_compat.AccumulatedUpdate.check_finite); the error
-names the loss's log key, the step and what to try. Models, data and the Trainer come from test_accumulation.py.
+Now each loss is checked before its backward (adapters.integrations.lightning_compat.AccumulatedUpdate.check_finite);
+the error names the loss's log key, the step and what to try. Models, data and the Trainer come from
+test_accumulation.py.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from adapters.errors import NonFiniteLossError
-from adapters.lightning_compat import AccumulatedUpdate
+from adapters.runtime.errors import NonFiniteLossError
+from adapters.integrations.lightning_compat import AccumulatedUpdate
 from conftest import LDM_TREE, ROOT, requires_ldm
 from test_accumulation import KINDS, build, fit, images
 

@@ -1,4 +1,4 @@
-"""adapters.preflight: what a user must fix first is found before the model is built, one line each, all at once."""
+"""adapters.runtime.preflight: what a user must fix is found before the model is built, one line each, all at once."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from adapters import preflight
+from adapters.runtime import preflight
 from conftest import ENHANCING_TREE, LDM_TREE, ROOT, requires_enhancing, requires_ldm
 
 CONFIGS = ROOT / "configs"
@@ -64,7 +64,7 @@ def test_lpips_weights_missing_names_files_and_the_override_that_works(no_weight
     (line,) = preflight.lpips_problems(model)
     assert "vgg16-397923af.pth" in line and "vgg.pth" in line
     assert "model.params.lossconfig.params.perceptual_weight=0" in line
-    from adapters.losses import lpips_weight_paths
+    from adapters.integrations.losses import lpips_weight_paths
 
     for path in lpips_weight_paths().values():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ def test_enhancing_data_and_vgg_lines(no_weights: None, tmp_path: Path, monkeypa
     (data,) = preflight.data_problems(config.dataset, section="dataset")  # enhancing's classes: val for validation
     assert str(tmp_path / "imagenet" / "val") in data and "`export IMAGENET_ROOT=" in data
     (vgg,) = preflight.enhancing_lpips_problems(config.model, "rot_vitvqgan_small")
-    from adapters.losses import VGG16_FILE, VGG16_URL, lpips_weight_paths
+    from adapters.integrations.losses import VGG16_FILE, VGG16_URL, lpips_weight_paths
 
     path = lpips_weight_paths()[VGG16_FILE]
     assert f"`mkdir -p {path.parent} && curl -L -o {path} {VGG16_URL}`" in vgg

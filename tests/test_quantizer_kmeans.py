@@ -225,7 +225,7 @@ def test_ddp_ranks_agree_on_the_codebook(tmp_path: Path) -> None:
 
 # --- config keys -------------------------------------------------------------------------------------------------
 def test_vitvqgan_kmeans_configs_name_their_base_and_set_the_key() -> None:
-    from adapters.model_loading import load_config
+    from adapters.evaluation.model_loading import load_config
 
     for name, base in (("small_kmeans_vitvqgan", "small_vitvqgan"), ("small_kmeans_rot_vitvqgan", "small_rot_vitvqgan")):
         cfg, ref = load_config(ROOT / "configs" / f"{name}.yaml"), load_config(ROOT / "configs" / f"{base}.yaml")
@@ -237,11 +237,11 @@ def test_vitvqgan_kmeans_configs_name_their_base_and_set_the_key() -> None:
 @requires_ldm
 @pytest.mark.ldm
 def test_vqgan_config_key_reaches_the_quantizer() -> None:
-    from adapters.ldm import RotationVQModel
+    from adapters.integrations.ldm import RotationVQModel
 
     ddconfig = dict(double_z=False, z_channels=3, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
                     num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-    loss = {"target": "adapters.losses.VQLPIPSWithDiscriminator",
+    loss = {"target": "adapters.integrations.losses.VQLPIPSWithDiscriminator",
             "params": {"disc_start": 0, "disc_in_channels": 3, "disc_num_layers": 1, "disc_ndf": 8,
                        "perceptual_weight": 0.0}}
     model = RotationVQModel(ddconfig, loss, n_embed=64, embed_dim=3, gradient="ste",

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import adapters.quantizer.search as search_mod
-from adapters.errors import UserError
+from adapters.runtime.errors import UserError
 from adapters.quantizer import (NormRotationQuantizer, RotationVectorQuantizer, find_nearest, fused_compile_count,
                                 fused_nearest_code, nearest_code)
 from conftest import ROOT, requires_enhancing, requires_ldm
@@ -359,11 +359,11 @@ def test_fused_search_inside_a_callers_compile() -> None:
 
 @requires_ldm
 def test_latent_diffusion_config_reaches_the_quantizer() -> None:
-    from adapters.ldm import RotationVQModel
+    from adapters.integrations.ldm import RotationVQModel
 
     dd = dict(double_z=False, z_channels=3, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
               num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-    loss = {"target": "adapters.losses.VQLPIPSWithDiscriminator",
+    loss = {"target": "adapters.integrations.losses.VQLPIPSWithDiscriminator",
             "params": {"disc_start": 0, "disc_in_channels": 3, "disc_num_layers": 1, "disc_ndf": 8,
                        "perceptual_weight": 0.0}}
     model = RotationVQModel(ddconfig=dd, lossconfig=loss, n_embed=32, embed_dim=3,
@@ -378,7 +378,7 @@ def test_latent_diffusion_config_reaches_the_quantizer() -> None:
 def test_enhancing_config_reaches_the_quantizer() -> None:
     from omegaconf import OmegaConf
 
-    from adapters.vitvqgan import RotationViTVQ
+    from adapters.integrations.vitvqgan import RotationViTVQ
 
     params = OmegaConf.load(ROOT / "configs" / "tiny_rot_vitvqgan.yaml").model.params
     params.quantizer.search = "blocked"

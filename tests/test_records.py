@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 
-from adapters.records import dumps_record, rewrite_compact
+from adapters.evaluation.records import dumps_record, rewrite_compact
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_tables  # noqa: E402
@@ -81,7 +81,7 @@ def test_rewrite_compact_keeps_the_content(tmp_path: Path) -> None:
 def test_no_record_under_docs_is_longer_than_1000_lines() -> None:
     long = [str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.json")
             if len(p.read_text().splitlines()) > 1000]
-    assert long == [], f"rewrite them with: python -m adapters.records {' '.join(long)}"
+    assert long == [], f"rewrite them with: python -m adapters.evaluation.records {' '.join(long)}"
 
 
 def _summary(tmp_path: Path, records: dict, **kw) -> dict:

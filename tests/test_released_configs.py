@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.released import is_released_config, translate_released_model_config
+from adapters.integrations.released import is_released_config, translate_released_model_config
 from conftest import requires_ldm
 
 
@@ -36,16 +36,16 @@ def test_flags_map_to_gradients(flags: dict, gradient: str) -> None:
     src = released_model(flags)
     assert is_released_config(src)
     out = translate_released_model_config(src)
-    assert out["target"] == "adapters.ldm.RotationVQModel"
+    assert out["target"] == "adapters.integrations.ldm.RotationVQModel"
     assert out["params"]["gradient"] == gradient
     assert not set(out["params"]) & {"rot_trick", "ref_trick", "no_grad_scale"}
-    assert out["params"]["lossconfig"]["target"] == "adapters.losses.VQLPIPSWithDiscriminator"
+    assert out["params"]["lossconfig"]["target"] == "adapters.integrations.losses.VQLPIPSWithDiscriminator"
     assert out["params"]["ddconfig"] == src["params"]["ddconfig"]
     assert src["params"].get("gradient") is None, "the input is not modified"
 
 
 def test_other_configs_pass_through() -> None:
-    ours = {"target": "adapters.ldm.RotationVQModel", "params": {"gradient": "rotation"}}
+    ours = {"target": "adapters.integrations.ldm.RotationVQModel", "params": {"gradient": "rotation"}}
     assert not is_released_config(ours)
     assert translate_released_model_config(ours) == ours
     plain = released_model({})

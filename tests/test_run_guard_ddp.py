@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from adapters.run_guard import AtomicCheckpointIO, RunGuard
+from adapters.runtime.run_guard import AtomicCheckpointIO, RunGuard
 from conftest import ROOT
 
 
@@ -207,7 +207,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from adapters.run_guard import RunGuard
+from adapters.runtime.run_guard import RunGuard
 from test_run_guard_ddp import Tiny
 
 out = sys.argv[1]

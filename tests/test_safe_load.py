@@ -1,4 +1,4 @@
-"""Checkpoints load without running code (adapters.safe_load); bad checkpoints and missing trees are one clear line.
+"""Checkpoints load without running code (adapters.runtime.safe_load); bad checkpoints, missing trees: one clear line.
 
 - a crafted pickle that would run code is refused (the marker file it would write stays absent) with one line
   naming the file, the type and the opt-in; with the opt-in it loads (and the payload runs: it was real);
@@ -27,9 +27,9 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from adapters import safe_load
-from adapters.errors import CheckpointMismatchError, UntrustedCheckpointError, UpstreamMissingError, UserError
-from adapters.safe_load import load_checkpoint
+from adapters.runtime import safe_load
+from adapters.runtime.errors import CheckpointMismatchError, UntrustedCheckpointError, UpstreamMissingError, UserError
+from adapters.runtime.safe_load import load_checkpoint
 from conftest import ROOT, requires_enhancing, requires_ldm
 
 EVALUATE = ROOT / "scripts" / "evaluate.py"
@@ -127,10 +127,10 @@ def test_weights_only_copy_command(tmp_path: Path) -> None:
     ckpt, copy_path = tmp_path / "evil.ckpt", tmp_path / "copy.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 5, "extra": ExecPayload(marker)}, ckpt)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    refused = subprocess.run([sys.executable, "-m", "adapters.safe_load", str(ckpt), str(copy_path)], env=env,
+    refused = subprocess.run([sys.executable, "-m", "adapters.runtime.safe_load", str(ckpt), str(copy_path)], env=env,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--trust-checkpoint" in refused.stderr and not marker.exists()
-    done = subprocess.run([sys.executable, "-m", "adapters.safe_load", str(ckpt), str(copy_path),
+    done = subprocess.run([sys.executable, "-m", "adapters.runtime.safe_load", str(ckpt), str(copy_path),
                            "--trust-checkpoint"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     blob = load_checkpoint(copy_path)  # the copy needs no opt-in
@@ -364,7 +364,7 @@ def test_lightning1_shaped_checkpoints_load_as_numpy1_wrote_them(tmp_path: Path,
 
 
 def test_one_allowlist_registered_once_and_shared_with_lightning_compat(monkeypatch) -> None:
-    from adapters.lightning_compat import allow_numpy_scalars_in_checkpoints
+    from adapters.integrations.lightning_compat import allow_numpy_scalars_in_checkpoints
 
     calls: list[list] = []
     monkeypatch.setattr(safe_load, "_registered", False)
@@ -478,11 +478,11 @@ def _run_blocked(pkg: str, code: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("pkg, module, tree", [
-    ("ldm", "adapters.ldm", "third_party/latent-diffusion"),
-    ("enhancing", "adapters.vitvqgan", "third_party/enhancing-transformers")])
+    ("ldm", "adapters.integrations.ldm", "third_party/latent-diffusion"),
+    ("enhancing", "adapters.integrations.vitvqgan", "third_party/enhancing-transformers")])
 def test_importing_a_wrapper_without_its_upstream_names_the_tree(pkg: str, module: str, tree: str) -> None:
     res = _run_blocked(pkg, f"""
-from adapters.errors import UpstreamMissingError
+from adapters.runtime.errors import UpstreamMissingError
 try:
     import {module}
 except UpstreamMissingError as err:
@@ -509,7 +509,7 @@ runpy.run_path({str(EVALUATE)!r}, run_name="__main__")
 
 
 def test_the_message_for_an_absent_tree(monkeypatch, tmp_path: Path) -> None:
-    from adapters import upstream
+    from adapters.integrations import upstream
 
     monkeypatch.setattr(upstream, "ROOT", tmp_path)  # a fresh clone: no third_party/ trees
     with pytest.raises(UpstreamMissingError) as info:
@@ -529,14 +529,14 @@ def test_the_message_for_an_absent_tree(monkeypatch, tmp_path: Path) -> None:
 LDM_PARAMS = dict(n_embed=16, embed_dim=3,
                   ddconfig=dict(double_z=False, z_channels=3, resolution=16, in_channels=3, out_ch=3, ch=32,
                                 ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0),
-                  lossconfig={"target": "adapters.losses.VQLPIPSWithDiscriminator",
+                  lossconfig={"target": "adapters.integrations.losses.VQLPIPSWithDiscriminator",
                               "params": {"disc_start": 0, "perceptual_weight": 0.0, "disc_num_layers": 1,
                                          "disc_ndf": 8}})
 
 
 @requires_ldm
 def test_rotation_vqmodel_ckpt_path_refuses_unless_the_config_trusts_it(tmp_path: Path, capsys) -> None:
-    from adapters.ldm import RotationVQModel
+    from adapters.integrations.ldm import RotationVQModel
 
     marker = tmp_path / "marker"
     source = RotationVQModel(**copy.deepcopy(LDM_PARAMS))
@@ -563,14 +563,14 @@ def test_upstream_vqmodel_ckpt_path_loads_through_the_safe_loader(tmp_path: Path
     torch.save({"state_dict": source.state_dict(), "extra": ExecPayload(tmp_path / "marker")}, evil)
     loaded = VQModel(**copy.deepcopy(params), ckpt_path=str(good))
     assert torch.equal(loaded.quantize.embedding.weight, source.quantize.embedding.weight)
-    with pytest.raises(UntrustedCheckpointError, match="python -m adapters.safe_load"):
+    with pytest.raises(UntrustedCheckpointError, match="python -m adapters.runtime.safe_load"):
         VQModel(**copy.deepcopy(params), ckpt_path=str(evil))
     assert not (tmp_path / "marker").exists()
 
 
 @requires_enhancing
 def test_rotation_vitvq_path_refuses_unless_the_config_trusts_it(tmp_path: Path) -> None:
-    from adapters.vitvqgan import RotationViTVQ
+    from adapters.integrations.vitvqgan import RotationViTVQ
 
     params = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "tiny_rot_vitvqgan.yaml").model.params)
     marker = tmp_path / "marker"

@@ -14,8 +14,8 @@ from torch import nn
 
 from adapters import swap_quantizers
 from adapters.quantizer import NormRotationQuantizer, RotationVectorQuantizer
-from adapters.swap import (DiffusersRotationQuantizer, TamingV1RotationQuantizer, UnsupportedQuantizerError,
-                           swap_options)
+from adapters.integrations.swap import (DiffusersRotationQuantizer, TamingV1RotationQuantizer,
+                                        UnsupportedQuantizerError, swap_options)
 from conftest import HAS_ENHANCING, HAS_LDM, ROOT
 
 DOC = ROOT / "docs" / "swap.md"

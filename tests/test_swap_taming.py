@@ -25,7 +25,8 @@ model:
     ddconfig: {double_z: false, z_channels: 4, resolution: 16, in_channels: 3, out_ch: 3, ch: 32, ch_mult: [1, 2],
                num_res_blocks: 1, attn_resolutions: [], dropout: 0.0}
     lossconfig:
-      target: adapters.losses.VQLPIPSWithDiscriminator   # taming's loss; perceptual_weight 0 builds no LPIPS (offline)
+      # taming's loss; perceptual_weight 0 builds no LPIPS (offline)
+      target: adapters.integrations.losses.VQLPIPSWithDiscriminator
       params: {disc_start: 0, perceptual_weight: 0.0, disc_in_channels: 3, disc_num_layers: 1, disc_ndf: 8,
                codebook_weight: 1.0}
 """

@@ -1,4 +1,4 @@
-"""adapters.vitvqgan: RotationViTVQ against upstream ViTVQ, its offline loss, its data and the Table 4 configs."""
+"""adapters.integrations.vitvqgan: RotationViTVQ against upstream ViTVQ, its offline loss, data, the Table 4 configs."""
 from __future__ import annotations
 
 import copy
@@ -28,7 +28,7 @@ def upstream_and_ours(gradient: str, seed: int = 0):
     """An upstream ViTVQ and a RotationViTVQ holding the same weights."""
     from enhancing.modules.stage1.vitvqgan import ViTVQ
 
-    from adapters.vitvqgan import RotationViTVQ
+    from adapters.integrations.vitvqgan import RotationViTVQ
 
     torch.manual_seed(seed)
     up = ViTVQ(**OmegaConf.create(tiny_params()))
@@ -104,7 +104,7 @@ def test_estimators_share_the_forward_pass_but_not_the_encoder_gradient() -> Non
 
 
 def test_upstream_checkpoint_loads_with_no_missing_or_unexpected_keys(tmp_path: Path) -> None:
-    from adapters.vitvqgan import RotationViTVQ
+    from adapters.integrations.vitvqgan import RotationViTVQ
 
     up, _ = upstream_and_ours("ste", seed=1)
     ckpt = tmp_path / "upstream.ckpt"
@@ -156,7 +156,7 @@ def test_codebook_statistics_stay_out_of_the_state_dict_and_of_ddp_buffers() -> 
 
 
 def test_bad_gradient_names_are_rejected() -> None:
-    from adapters.vitvqgan import RotationViTVQ
+    from adapters.integrations.vitvqgan import RotationViTVQ
 
     with pytest.raises(ValueError, match="model.params.gradient"):
         RotationViTVQ(**tiny_params(), gradient="rotaton")
@@ -167,7 +167,7 @@ def test_bad_gradient_names_are_rejected() -> None:
 
 
 def test_usage_picture() -> None:
-    from adapters.codebook_logging import usage_picture
+    from adapters.evaluation.codebook_logging import usage_picture
 
     counts = torch.zeros(8192, dtype=torch.long)
     counts[[0, 5, 8191]] = torch.tensor([1, 100, 7])
@@ -180,7 +180,7 @@ def test_usage_picture() -> None:
 
 # --- loss -------------------------------------------------------------------------------------------------------
 def test_offline_loss_builds_no_lpips_and_matches_upstream_terms() -> None:
-    from adapters.vitvqgan import VQLPIPSWithDiscriminator
+    from adapters.integrations.vitvqgan import VQLPIPSWithDiscriminator
 
     loss = VQLPIPSWithDiscriminator(perceptual_weight=0.0, loggaussian_weight=1.0, loglaplace_weight=0.0,
                                     adversarial_weight=0.1, disc_params={"size": 8})
@@ -193,7 +193,7 @@ def test_offline_loss_builds_no_lpips_and_matches_upstream_terms() -> None:
 
 
 def test_loss_discriminator_can_be_chosen() -> None:
-    from adapters.vitvqgan import VQLPIPSWithDiscriminator
+    from adapters.integrations.vitvqgan import VQLPIPSWithDiscriminator
 
     spec = {"target": "enhancing.losses.layers.PatchDiscriminator", "params": {"input_nc": 3, "ndf": 8, "n_layers": 2}}
     loss = VQLPIPSWithDiscriminator(perceptual_weight=0.0, discriminator=spec)
@@ -203,8 +203,8 @@ def test_loss_discriminator_can_be_chosen() -> None:
 
 
 def test_missing_vgg_weights_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from adapters.losses import MissingWeightsError
-    from adapters.vitvqgan import VQLPIPSWithDiscriminator, vgg16_weights_path
+    from adapters.integrations.losses import MissingWeightsError
+    from adapters.integrations.vitvqgan import VQLPIPSWithDiscriminator, vgg16_weights_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv("ROTATION_TRICK_OFFLINE", "1")
@@ -244,8 +244,8 @@ def test_imagenet_folders_with_upstream_transforms(tmp_path: Path) -> None:
     from PIL import Image
     from torchvision import transforms as T
 
-    from adapters.data import DataError
-    from adapters.vitvqgan import ImageNetTrain, ImageNetValidation
+    from adapters.evaluation.data import DataError
+    from adapters.integrations.vitvqgan import ImageNetTrain, ImageNetValidation
 
     _fake_imagenet(tmp_path)
     train = ImageNetTrain(root=str(tmp_path), resolution=32)
@@ -266,7 +266,7 @@ def test_imagenet_folders_with_upstream_transforms(tmp_path: Path) -> None:
 def test_table4_configs_carry_the_papers_hyperparameters(name: str, gradient: str) -> None:
     cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
     p = cfg.model.params
-    assert cfg.model.target == "adapters.vitvqgan.RotationViTVQ" and p.gradient == gradient
+    assert cfg.model.target == "adapters.integrations.vitvqgan.RotationViTVQ" and p.gradient == gradient
     assert (p.image_size, p.patch_size) == (256, 8)
     for side in (p.encoder, p.decoder):
         assert (side.dim, side.depth, side.heads, side.mlp_dim) == (512, 8, 8, 2048)

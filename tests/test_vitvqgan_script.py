@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.console import run_summary
+from adapters.runtime.console import run_summary
 from conftest import ROOT, requires_enhancing
 
 pytestmark = requires_enhancing
@@ -191,7 +191,7 @@ def test_cpu_run_then_resume_twice_in_the_same_run_folder(tmp_path: Path) -> Non
 
 
 def test_run_summary_of_an_enhancing_run_folder(tmp_path: Path) -> None:
-    """adapters.console.run_summary(layout="enhancing"): log/results/ pictures, the newest checkpoint (never
+    """adapters.runtime.console.run_summary(layout="enhancing"): log/results/ pictures, the newest checkpoint (never
     crash.ckpt), the resume command, the CSV file when that logger ran."""
     for split in ("train", "val"):
         (tmp_path / "log" / "results" / split).mkdir(parents=True)

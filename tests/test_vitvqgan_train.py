@@ -74,7 +74,7 @@ def test_tiny_config_trains_and_resumes_through_main(tmp_path: Path) -> None:
 PROBE = '''
 import json
 import torch
-from adapters.vitvqgan import RotationViTVQ
+from adapters.integrations.vitvqgan import RotationViTVQ
 
 
 class ProbeViTVQ(RotationViTVQ):
@@ -105,7 +105,7 @@ def test_two_process_ddp_on_cpu_keeps_per_rank_statistics(tmp_path: Path) -> Non
     rank 0) and the epoch statistics are the sum over ranks."""
     (tmp_path / "configs").mkdir()
     cfg = (ROOT / "configs" / "tiny_rot_vitvqgan.yaml").read_text()
-    cfg = cfg.replace("target: adapters.vitvqgan.RotationViTVQ", "target: ddp_probe.ProbeViTVQ")
+    cfg = cfg.replace("target: adapters.integrations.vitvqgan.RotationViTVQ", "target: ddp_probe.ProbeViTVQ")
     assert "ddp_probe.ProbeViTVQ" in cfg
     (tmp_path / "configs" / "probe.yaml").write_text(cfg)
     (tmp_path / "ddp_probe.py").write_text(PROBE)

@@ -49,7 +49,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from adapters.errors import UserError
+from adapters.runtime.errors import UserError
 
 SEARCHES: tuple[str, ...] = ("auto", "fused", "blocked")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 def stored_step(path: Path) -> int:
     """global_step stored in a Lightning checkpoint (loaded weights-only; nothing in it is run)."""
-    from adapters.safe_load import load_checkpoint
+    from adapters.runtime.safe_load import load_checkpoint
 
     ckpt = load_checkpoint(path, trust=False)
     return int(ckpt.get("global_step", -1))

@@ -19,7 +19,7 @@ import torch
 from taming.modules.losses import vqperceptual
 from torch import nn
 
-from adapters.errors import MissingWeightsError
+from adapters.runtime.errors import MissingWeightsError
 
 OFFLINE_ENV = "ROTATION_TRICK_OFFLINE"
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 weights (models.vgg16(pretrained=True))

@@ -1,7 +1,7 @@
 """Config + checkpoint -> model, for evaluation: one clear error when they do not belong together.
 
 The config's ``model: {target, params}`` names a latent-diffusion, taming or enhancing-transformers class (ours or
-upstream's); the checkpoint's ``state_dict`` is loaded into it through ``adapters.safe_load`` (no code from the
+upstream's); the checkpoint's ``state_dict`` is loaded into it through ``adapters.runtime.safe_load`` (no code from the
 file runs unless the caller trusts it). A checkpoint of the other codebase, or of another shape, is refused before
 ``load_state_dict`` with one line naming both files, what differs and which config to use (``CheckpointMismatchError``).
 """
@@ -19,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from adapters.errors import CheckpointMismatchError, UpstreamMissingError, UserError
-from adapters.released import is_released_config, translate_released_model_config
-from adapters.safe_load import load_checkpoint
-from adapters.upstream import UPSTREAM_TREES, upstream_imports
+from adapters.runtime.errors import CheckpointMismatchError, UpstreamMissingError, UserError
+from adapters.integrations.released import is_released_config, translate_released_model_config
+from adapters.runtime.safe_load import load_checkpoint
+from adapters.integrations.upstream import UPSTREAM_TREES, upstream_imports
 
 # Which config to evaluate a run with, per codebase (where each upstream main.py keeps a run's config).
 TRAINING_CONFIG_HINT = ("the config the run was trained with (latent-diffusion runs: "
@@ -190,7 +190,7 @@ def load_model(config: DictConfig | str | os.PathLike, checkpoint: Optional[str 
 
     Keys under ``loss.`` may be absent (valid loss then uses a freshly built loss module: its LPIPS comes from
     pretrained weights, its discriminator does not enter ``rec_loss``); any other missing key or differing shape is
-    a ``CheckpointMismatchError``. The checkpoint loads with ``weights_only=True`` plus ``adapters.safe_load``'s
+    a ``CheckpointMismatchError``. The checkpoint loads with ``weights_only=True`` plus ``adapters.runtime.safe_load``'s
     allowlist; ``trust_checkpoint`` (evaluate.py ``--trust-checkpoint``) lets a file needing more load unsafely.
     ``config_name`` names the config in messages when ``config`` is not a path.
     """

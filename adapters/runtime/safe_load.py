@@ -21,8 +21,8 @@ connects to a server). Whatever a file fails to build is refused with the same o
 Not loadable without the opt-in: a ``defaultdict`` with items (torch sets items on exact dicts only; the empty one
 OmegaConf pickles loads), structured-config dataclasses, enums, functions.
 
-``python -m adapters.safe_load IN.ckpt OUT.ckpt --trust-checkpoint`` writes a weights-only copy of a checkpoint you
-trust (``state_dict``, ``global_step``, ``epoch``), which then loads everywhere without the opt-in.
+``python -m adapters.runtime.safe_load IN.ckpt OUT.ckpt --trust-checkpoint`` writes a weights-only copy of a checkpoint
+you trust (``state_dict``, ``global_step``, ``epoch``), which then loads everywhere without the opt-in.
 """
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from adapters.errors import UntrustedCheckpointError
+from adapters.runtime.errors import UntrustedCheckpointError
 
 # What the refusal tells a library caller to do; scripts and configs pass their own (a flag, a config key).
-DEFAULT_OPT_IN = ("write a weights-only copy once with `python -m adapters.safe_load <file> <copy.ckpt> "
+DEFAULT_OPT_IN = ("write a weights-only copy once with `python -m adapters.runtime.safe_load <file> <copy.ckpt> "
                   "--trust-checkpoint` and load the copy")
 # numpy dtypes whose scalars and arrays may appear (lr schedules return float64; counters are ints).
 NUMPY_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
@@ -228,8 +228,8 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, opt_in: str
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m adapters.safe_load IN OUT --trust-checkpoint``: write a weights-only copy of a trusted file."""
-    p = argparse.ArgumentParser(prog="python -m adapters.safe_load", description=main.__doc__)
+    """``python -m adapters.runtime.safe_load IN OUT --trust-checkpoint``: a weights-only copy of a trusted file."""
+    p = argparse.ArgumentParser(prog="python -m adapters.runtime.safe_load", description=main.__doc__)
     p.add_argument("checkpoint", help="the checkpoint to copy (loaded with weights_only=False if it needs to be)")
     p.add_argument("out", help="where to write the copy: state_dict, global_step and epoch only")
     p.add_argument("--trust-checkpoint", action="store_true", required=True,

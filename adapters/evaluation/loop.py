@@ -19,7 +19,7 @@ Both codebases are supported through their public interfaces, so upstream-only c
 Codebook statistics come from the quantizer itself when it keeps them (``adapters.quantizer``: ``last_stats``,
 ``epoch_stats``); for upstream quantizers they are computed from a forward hook with the same definitions.
 Upstream trees must be importable (``ldm``/``enhancing`` on ``sys.path``); ``scripts/evaluate.py`` arranges that.
-Configs and checkpoints are loaded by ``adapters.model_loading`` (re-exported here).
+Configs and checkpoints are loaded by ``adapters.evaluation.model_loading`` (re-exported here).
 """
 from __future__ import annotations
 
@@ -39,12 +39,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from adapters import metrics as M
-from adapters.errors import UserError
-from adapters.records import dumps_record
+from adapters.evaluation import metrics as M
+from adapters.runtime.errors import UserError
+from adapters.evaluation.records import dumps_record
 # Config and checkpoint loading, re-exported: callers use adapters.evaluation.load_model etc.
-from adapters.model_loading import (LoadedModel, build_from_config, get_obj_from_str, get_quantizer,  # noqa: F401
-                                    instantiate, load_config, load_model, model_family, sha256_file)
+from adapters.evaluation.model_loading import (LoadedModel, build_from_config, get_obj_from_str,  # noqa: F401
+                                               get_quantizer, instantiate, load_config, load_model, model_family,
+                                               sha256_file)
 
 SCHEMA = "rotation-trick-eval/1"
 
@@ -108,7 +109,7 @@ class EvalOptions:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model description (loading lives in adapters.model_loading)
+# Model description (loading lives in adapters.evaluation.model_loading)
 # ---------------------------------------------------------------------------------------------------------------
 def quantizer_info(model: nn.Module) -> dict[str, Any]:
     """Class, estimator ('ste', 'rotation', ..., 'gumbel'), codebook size and dimension of the model's quantizer."""
@@ -570,18 +571,18 @@ def build_dataset(loaded: LoadedModel, source: str = "config", root: Optional[st
                   seed: int = 0) -> tuple[Dataset, dict[str, Any]]:
     """The evaluation dataset in the model's batch format, and a description for the record.
 
-    source: ``imagenet`` (``adapters.data.ImageNetFolder`` at ``root``, centre crops, ``limit`` images spread over
-    the classes), ``photos`` (deterministic crops of scikit-image's bundled photographs: offline smoke tests),
-    or ``config`` (the config's own validation dataset).
+    source: ``imagenet`` (``adapters.evaluation.data.ImageNetFolder`` at ``root``, centre crops, ``limit`` images spread
+    over the classes), ``photos`` (deterministic crops of scikit-image's bundled photographs: offline smoke tests), or
+    ``config`` (the config's own validation dataset).
     """
-    from adapters import data as D
+    from adapters.evaluation import data as D
 
     layout = "chw" if loaded.family == "enhancing" else "hwc"
     size = size or model_image_size(loaded.config) or 256
     if source == "imagenet" and loaded.family == "enhancing":
         # Table 4: enhancing's own validation transform (PIL Resize of the whole image to size x size, antialiased,
         # aspect not kept; CenterCrop a no-op), so valid loss is upstream's val/rec_loss and r-FID sees its inputs.
-        from adapters import vitvqgan as V
+        from adapters.integrations import vitvqgan as V
 
         split = {"validation": "val"}.get(split, split)
         if split == "val":

@@ -133,7 +133,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def _stored_step(path: str) -> Optional[int]:
     """``global_step`` of a checkpoint this process neither wrote nor resumed from (weights-only, memory-mapped: the
     tensors are not read); None when the file does not load that way."""
-    from adapters.lightning_compat import allow_numpy_scalars_in_checkpoints
+    from adapters.integrations.lightning_compat import allow_numpy_scalars_in_checkpoints
 
     allow_numpy_scalars_in_checkpoints()
     try:

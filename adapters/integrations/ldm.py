@@ -1,10 +1,12 @@
 """latent-diffusion's ``VQModel`` with the shared rotation-trick quantizer, trained under Lightning 2.
 
-``RotationVQModel`` (config ``target: adapters.ldm.RotationVQModel``) takes upstream ``VQModel``'s arguments plus
+``RotationVQModel`` (config ``target: adapters.integrations.ldm.RotationVQModel``) takes upstream ``VQModel``'s
+arguments plus
 
   gradient: ste | rotation | rotation_released | reflection | rotation_unscaled  (see adapters.quantizer)
   quantizer_config: {beta, legacy, use_norm, search, search_chunk_size, track_stats, codebook_init, kmeans_iters}  (optional; upstream's beta 0.25)
-  trust_checkpoint: false | true  (ckpt_path: load with weights_only=False if the file needs it; adapters.safe_load)
+  trust_checkpoint: false | true  (ckpt_path: load with weights_only=False if the file needs it;
+                                   adapters.runtime.safe_load)
 
 and keeps upstream's state-dict keys, so latent-diffusion's and the authors' VQGAN checkpoints load with no missing
 or unexpected keys; ``gradient: ste`` is upstream ``VQModel`` numerically.
@@ -19,7 +21,7 @@ as upstream; step-interval lr schedulers step once per batch. With ``update_ever
 ``main.py`` sets it from ``accumulate_grad_batches``, which Lightning 2 refuses under manual optimisation) the
 gradients of N batches accumulate (each loss / N) and both optimizers, the schedulers and ``global_step`` advance
 once per N batches and at an epoch's last batch, as Lightning 1.4 accumulated. A NaN or infinite loss stops the run
-with ``adapters.errors.NonFiniteLossError`` before it is back-propagated.
+with ``adapters.runtime.errors.NonFiniteLossError`` before it is back-propagated.
 
 Logged besides upstream's keys (``train/`` per batch and as epoch means, ``val/`` as validation means):
 ``{split}/codebook_usage`` (fraction of the codebook a batch uses), ``{split}/perplexity``, ``{split}/quant_error``
@@ -35,14 +37,14 @@ import torch
 from taming.modules.vqvae.quantize import GumbelQuantize
 from torch import Tensor, nn
 
-from adapters.upstream import upstream_imports
+from adapters.integrations.upstream import upstream_imports
 
 with upstream_imports("ldm"):  # a missing third_party/latent-diffusion: one error naming the tree
     from ldm.models.autoencoder import VQModel
     from ldm.modules.ema import LitEma
     from ldm.util import instantiate_from_config
-from adapters.lightning_compat import AccumulatedUpdate, allow_numpy_scalars_in_checkpoints
-from adapters.codebook_logging import CodebookLoggingMixin
+from adapters.integrations.lightning_compat import AccumulatedUpdate, allow_numpy_scalars_in_checkpoints
+from adapters.evaluation.codebook_logging import CodebookLoggingMixin
 from adapters.quantizer import GRADIENTS, CodebookStats, RotationVectorQuantizer
 
 QUANTIZER_OPTIONS = ("beta", "legacy", "use_norm", "search", "search_chunk_size", "search_max_bytes", "track_stats",
@@ -90,7 +92,8 @@ class RotationVQModel(CodebookLoggingMixin, VQModel):
         if not _accepts(self.loss.forward, "predicted_indices"):
             raise ValueError(f"{type(self.loss).__module__}.{type(self.loss).__name__} does not accept the "
                              "predicted_indices argument that latent-diffusion's VQModel passes to its loss; use "
-                             "lossconfig.target: adapters.losses.VQLPIPSWithDiscriminator (taming's loss; latent-diffusion's "
+                             "lossconfig.target: adapters.integrations.losses.VQLPIPSWithDiscriminator (taming's loss; "
+                             "latent-diffusion's "
                              "own ldm.modules.losses.vqperceptual loss fails at its first forward at the pinned "
                              "commit)")
         self.gradient = gradient
@@ -105,9 +108,9 @@ class RotationVQModel(CodebookLoggingMixin, VQModel):
         self.update_every = 1  # main.py sets it from accumulate_grad_batches; gradients accumulate over N batches
 
     def init_from_ckpt(self, path: str, ignore_keys: tuple | list = ()) -> None:
-        """Upstream's ``init_from_ckpt`` (``ckpt_path:``), loading through ``adapters.safe_load``: a checkpoint that
-        needs more than weights and Lightning's data types is refused unless ``trust_checkpoint: true``."""
-        from adapters.safe_load import load_checkpoint
+        """Upstream's ``init_from_ckpt`` (``ckpt_path:``), loading through ``adapters.runtime.safe_load``: a checkpoint
+        that needs more than weights and Lightning's data types is refused unless ``trust_checkpoint: true``."""
+        from adapters.runtime.safe_load import load_checkpoint
 
         sd = load_checkpoint(path, trust=getattr(self, "trust_checkpoint", False),
                              opt_in="set model.params.trust_checkpoint: true")["state_dict"]

@@ -1,9 +1,11 @@
 """enhancing-transformers' ViT-VQGAN (``ViTVQ``) with the shared rotation-trick quantizer, trained under Lightning 2.
 
-``RotationViTVQ`` (config ``target: adapters.vitvqgan.RotationViTVQ``) takes upstream ``ViTVQ``'s arguments plus
+``RotationViTVQ`` (config ``target: adapters.integrations.vitvqgan.RotationViTVQ``) takes upstream ``ViTVQ``'s
+arguments plus
 
   gradient: ste | rotation | rotation_released | reflection | rotation_unscaled   (see ``adapters.quantizer``)
-  trust_checkpoint: false | true   (``path:`` loads with weights_only=False if the file needs it; adapters.safe_load)
+  trust_checkpoint: false | true   (``path:`` loads with weights_only=False if the file needs it;
+                                    adapters.runtime.safe_load)
 
 and replaces upstream's ``VectorQuantizer`` by ``NormRotationQuantizer`` (l2-normalised lookup, same codebook,
 same loss, same state-dict keys). ``gradient: ste`` is upstream ``ViTVQ`` numerically; ``rotation_released`` is the
@@ -15,7 +17,7 @@ batch, the autoencoder update (loss with ``optimizer_idx=0``, discriminator froz
 the discriminator update (``optimizer_idx=1``, autoencoder frozen); both losses see the same step, which counts
 batches (optimizer steps with ``update_every`` > 1) as upstream did. Optimizers (AdamW, betas (0.9, 0.99), weight
 decay 1e-4) and schedulers are upstream's ``configure_optimizers``. A NaN or infinite loss stops the run with
-``adapters.errors.NonFiniteLossError`` before it is back-propagated.
+``adapters.runtime.errors.NonFiniteLossError`` before it is back-propagated.
 
 Logged besides upstream's keys: ``{split}/codebook_usage`` (fraction of the codebook used by a batch; its epoch mean
 is the paper's per-batch usage), ``{split}/quant_error`` (mean ||e - q||^2 between normalised vectors),
@@ -41,7 +43,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from adapters.upstream import upstream_imports
+from adapters.integrations.upstream import upstream_imports
 
 with upstream_imports("enhancing"):  # a missing third_party/enhancing-transformers: one error naming the tree
     from enhancing.losses import vqperceptual
@@ -49,10 +51,10 @@ with upstream_imports("enhancing"):  # a missing third_party/enhancing-transform
     from enhancing.utils.general import initialize_from_config
 from torchvision import transforms as T
 
-from adapters.data import ImageNetFolder
-from adapters.losses import MissingWeightsError
-from adapters.lightning_compat import AccumulatedUpdate, allow_numpy_scalars_in_checkpoints
-from adapters.codebook_logging import CodebookLoggingMixin
+from adapters.evaluation.data import ImageNetFolder
+from adapters.integrations.losses import MissingWeightsError
+from adapters.integrations.lightning_compat import AccumulatedUpdate, allow_numpy_scalars_in_checkpoints
+from adapters.evaluation.codebook_logging import CodebookLoggingMixin
 from adapters.quantizer import GRADIENTS, NormRotationQuantizer
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, which lpips.LPIPS(net="vgg") loads
@@ -134,7 +136,8 @@ class VQLPIPSWithDiscriminator(vqperceptual.VQLPIPSWithDiscriminator):
 
 # --- data -----------------------------------------------------------------------------------------------------------
 class _EnhancingImageNet(ImageNetFolder):
-    """A local ImageNet split (``adapters.data.ImageNetFolder`` listing) with enhancing's torchvision transforms.
+    """A local ImageNet split (``adapters.evaluation.data.ImageNetFolder`` listing) with enhancing's torchvision
+    transforms.
 
     Item: {"image": float32 (3, H, W) in [0, 1], "class": LongTensor (1,), "class_label", "file_path_"}.
     Upstream's own loader needs torchvision's ImageNet devkit archives; this one reads <root>/{train,val}/<wnid>/.
@@ -218,10 +221,10 @@ class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
         """Load a (Lightning) checkpoint's state_dict, dropping keys that start with ``ignore_keys``.
 
         Upstream loads with ``strict=False`` silently; this prints what did not match and returns
-        (missing, unexpected). The file loads through ``adapters.safe_load``: a checkpoint needing more than weights
-        and Lightning's data types is refused unless ``trust_checkpoint: true``.
+        (missing, unexpected). The file loads through ``adapters.runtime.safe_load``: a checkpoint needing more than
+        weights and Lightning's data types is refused unless ``trust_checkpoint: true``.
         """
-        from adapters.safe_load import load_checkpoint
+        from adapters.runtime.safe_load import load_checkpoint
 
         sd = load_checkpoint(path, trust=getattr(self, "trust_checkpoint", False),
                              opt_in="set model.params.trust_checkpoint: true")

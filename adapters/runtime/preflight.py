@@ -9,8 +9,8 @@ to do (for enhancing's ``main.py``, with the command that fixes it).
 Checked (cheaply: no model, no dataset scan, no download):
 
 * GPUs asked for (``--gpus`` / ``lightning.trainer.gpus``; enhancing's ``-ng N``) but torch sees none, or fewer;
-* a local-ImageNet dataset (``adapters.data.ImageNetFolder`` subclasses, enhancing's ones included) whose root or
-  split folder is missing;
+* a local-ImageNet dataset (``adapters.evaluation.data.ImageNetFolder`` subclasses, enhancing's ones included) whose
+  root or split folder is missing;
 * LPIPS weights absent while ``perceptual_weight > 0`` (taming's two files; torchvision's VGG16 for enhancing's
   loss, whose upstream class builds LPIPS whatever the weight) and their host unreachable (or
   ``ROTATION_TRICK_OFFLINE=1``): the full configs would otherwise build the model before the download fails.
@@ -30,10 +30,11 @@ import torch
 
 PERCEPTUAL_OVERRIDE = "model.params.lossconfig.params.perceptual_weight=0"
 # loss classes that build taming's LPIPS when perceptual_weight > 0 (taming's default weight is 1.0)
-LPIPS_LOSSES = ("adapters.losses.VQLPIPSWithDiscriminator", "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+LPIPS_LOSSES = ("adapters.integrations.losses.VQLPIPSWithDiscriminator",
+                "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
                 "taming.modules.losses.VQLPIPSWithDiscriminator")
 # enhancing's loss classes -> whether perceptual_weight 0 spares LPIPS (the project's class; upstream's always builds it)
-ENHANCING_LPIPS_LOSSES = {"adapters.vitvqgan.VQLPIPSWithDiscriminator": True,
+ENHANCING_LPIPS_LOSSES = {"adapters.integrations.vitvqgan.VQLPIPSWithDiscriminator": True,
                           "enhancing.losses.vqperceptual.VQLPIPSWithDiscriminator": False,
                           "enhancing.losses.vqperceptual.VQLPIPS": False}
 ENHANCING_MAIN = "third_party/enhancing-transformers/main.py"
@@ -82,9 +83,10 @@ def _import(target: str) -> Any:
 
 
 def _imagenet_split(cls: type, params: Mapping[str, Any]) -> str:
-    """The split folder a dataset config reads: its class's (``adapters.data``'s and ``adapters.vitvqgan``'s are
-    named ``ImageNetTrain`` / ``ImageNetValidation``), else ``split:`` (``ImageNetFolder``'s default: train)."""
-    from adapters.data import ImageNetTrain, ImageNetValidation
+    """The split folder a dataset config reads: its class's (``adapters.evaluation.data``'s and
+    ``adapters.integrations.vitvqgan``'s are named ``ImageNetTrain`` / ``ImageNetValidation``), else ``split:``
+    (``ImageNetFolder``'s default: train)."""
+    from adapters.evaluation.data import ImageNetTrain, ImageNetValidation
 
     if issubclass(cls, ImageNetTrain) or cls.__name__.endswith("Train"):
         return "train"
@@ -95,9 +97,9 @@ def _imagenet_split(cls: type, params: Mapping[str, Any]) -> str:
 
 def data_problems(data_config: Mapping[str, Any], section: str = "data") -> list[str]:
     """One line per missing local-ImageNet root or split folder (nothing is scanned). ``section``: where the datasets
-    are in the config (latent-diffusion ``data``, whose lines are ``adapters.data``'s messages; enhancing ``dataset``,
-    whose lines give the ``export IMAGENET_ROOT=...`` command)."""
-    from adapters.data import IMAGENET_ROOT_ENV, DataError, ImageNetFolder, resolve_imagenet_root
+    are in the config (latent-diffusion ``data``, whose lines are ``adapters.evaluation.data``'s messages; enhancing
+    ``dataset``, whose lines give the ``export IMAGENET_ROOT=...`` command)."""
+    from adapters.evaluation.data import IMAGENET_ROOT_ENV, DataError, ImageNetFolder, resolve_imagenet_root
 
     problems: list[str] = []
     for key, cfg in _dataset_configs(data_config).items():
@@ -130,7 +132,7 @@ def data_problems(data_config: Mapping[str, Any], section: str = "data") -> list
 
 def _can_download(url: str, timeout: float = 3.0) -> bool:
     """Whether the host of ``url`` accepts a connection (False at once under ``ROTATION_TRICK_OFFLINE=1``)."""
-    from adapters.losses import OFFLINE_ENV
+    from adapters.integrations.losses import OFFLINE_ENV
 
     if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
         return False
@@ -151,7 +153,7 @@ def lpips_problems(model_config: Mapping[str, Any]) -> list[str]:
     weight = float((loss.get("params") or {}).get("perceptual_weight", 1.0))
     if weight == 0:
         return []
-    from adapters.losses import LPIPS_FILE, LPIPS_URL, VGG16_FILE, VGG16_URL, lpips_weight_paths
+    from adapters.integrations.losses import LPIPS_FILE, LPIPS_URL, VGG16_FILE, VGG16_URL, lpips_weight_paths
 
     urls = {VGG16_FILE: VGG16_URL, LPIPS_FILE: LPIPS_URL}
     missing = [f"{path} (from {urls[name]})" for name, path in lpips_weight_paths().items() if not path.is_file()]
@@ -206,14 +208,14 @@ def enhancing_lpips_problems(model_config: Mapping[str, Any], config_name: str =
     weight = float((loss.get("params") or {}).get("perceptual_weight", 1.0))
     if weight == 0 and ENHANCING_LPIPS_LOSSES[target]:
         return []
-    from adapters.losses import VGG16_FILE, VGG16_URL, lpips_weight_paths
+    from adapters.integrations.losses import VGG16_FILE, VGG16_URL, lpips_weight_paths
 
     path = lpips_weight_paths()[VGG16_FILE]
     if path.is_file() or _can_download(VGG16_URL):
         return []
     instead = (f"or set model.params.loss.params.perceptual_weight: 0 in configs/{config_name}.yaml to train "
                "without LPIPS" if ENHANCING_LPIPS_LOSSES[target] else
-               "or use target: adapters.vitvqgan.VQLPIPSWithDiscriminator with perceptual_weight: 0")
+               "or use target: adapters.integrations.vitvqgan.VQLPIPSWithDiscriminator with perceptual_weight: 0")
     return [f"perceptual_weight {weight:g} needs torchvision's VGG16 weights, missing at {path}: "
             f"`mkdir -p {shlex.quote(str(path.parent))} && curl -L -o {shlex.quote(str(path))} {VGG16_URL}` "
             f"where there is network (then copy the file here; TORCH_HOME moves the folder), {instead}"]

@@ -7,7 +7,7 @@
   (Lightning 2 refuses ``accumulate_grad_batches`` under manual optimisation) and a check that stops a diverged
   run (``NonFiniteLossError``) before a NaN or infinite loss reaches the weights.
 - ``allow_numpy_scalars_in_checkpoints``: resuming from checkpoints that hold numpy scalars (registers
-  ``adapters.safe_load``'s allowlist).
+  ``adapters.runtime.safe_load``'s allowlist).
 
 Upstream's lr schedules (latent-diffusion's ``ldm.lr_scheduler``, enhancing's ``enhancing.utils.scheduler``) return
 numpy floats, which end up in a checkpoint's optimizer and scheduler states. Lightning 2 resumes with
@@ -23,8 +23,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from adapters.errors import NonFiniteLossError
-from adapters.safe_load import register_safe_globals
+from adapters.runtime.errors import NonFiniteLossError
+from adapters.runtime.safe_load import register_safe_globals
 
 
 def step_without_counting(module: pl.LightningModule, optimizer: Any) -> None:
@@ -101,5 +101,5 @@ class AccumulatedUpdate:
 
 def allow_numpy_scalars_in_checkpoints() -> None:
     """Let ``torch.load(weights_only=True)`` read numpy scalars and the rest of what Lightning checkpoints hold
-    (idempotent). The one allowlist is ``adapters.safe_load``'s."""
+    (idempotent). The one allowlist is ``adapters.runtime.safe_load``'s."""
     register_safe_globals()

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.errors import MissingWeightsError
+from adapters.runtime.errors import MissingWeightsError
 
 # torch-fidelity's Inception-v3 (converted from the TF FID graph); the file name is part of its release URL.
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"

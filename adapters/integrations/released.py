@@ -3,8 +3,8 @@
 Those configs target latent-diffusion's ``ldm.models.autoencoder.VQModel`` with extra flags that only the authors'
 modified copy of that class understands (``rot_trick``, ``ref_trick``, ``no_grad_scale``), and taming's loss, which
 rejects the ``predicted_indices`` latent-diffusion passes. Their checkpoints have upstream ``VQModel``'s keys, so the
-same model is ``adapters.ldm.RotationVQModel`` with the matching ``gradient``. (The released Table 4 config targets
-plain enhancing ``ViTVQ`` and needs no translation: the rotation changes gradients, not forward values.)
+same model is ``adapters.integrations.ldm.RotationVQModel`` with the matching ``gradient``. (The released Table 4
+config targets plain enhancing ``ViTVQ`` and needs no translation: the rotation changes gradients, not forward values.)
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ def translate_released_model_config(model: Mapping[str, Any]) -> dict[str, Any]:
     """A ``model:`` node (plain dict) -> the same model on this project's classes; other configs come back as copies.
 
     ``rot_trick: true`` becomes ``gradient: rotation_released`` (``ref_trick`` -> ``reflection``, ``no_grad_scale``
-    -> ``rotation_unscaled``, none set -> ``ste``), the target ``adapters.ldm.RotationVQModel``, and taming's loss
-    ``adapters.losses.VQLPIPSWithDiscriminator`` (taming's loss, accepting latent-diffusion's arguments).
+    -> ``rotation_unscaled``, none set -> ``ste``), the target ``adapters.integrations.ldm.RotationVQModel``, and
+    taming's loss ``adapters.integrations.losses.VQLPIPSWithDiscriminator`` (taming's loss, accepting latent-diffusion's
+    arguments).
     """
     out = copy.deepcopy(dict(model))
     if not is_released_config(out):
@@ -42,8 +43,8 @@ def translate_released_model_config(model: Mapping[str, Any]) -> dict[str, Any]:
     params["gradient"] = gradient
     loss = dict(params.get("lossconfig") or {})
     if loss.get("target") == TAMING_LOSS:
-        loss["target"] = "adapters.losses.VQLPIPSWithDiscriminator"
+        loss["target"] = "adapters.integrations.losses.VQLPIPSWithDiscriminator"
         params["lossconfig"] = loss
-    out["target"] = "adapters.ldm.RotationVQModel"
+    out["target"] = "adapters.integrations.ldm.RotationVQModel"
     out["params"] = params
     return out

@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from adapters.errors import UserError
+from adapters.runtime.errors import UserError
 from adapters.quantizer import NormRotationQuantizer, RotationVectorQuantizer, check_gradient
 
 _TAMING = "taming.modules.vqvae.quantize"

@@ -49,7 +49,7 @@ def rewrite_compact(path: Path) -> bool:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m adapters.records FILE_OR_DIR ...``: rewrite evaluation records (*.json) in the compact form."""
+    """``python -m adapters.evaluation.records FILE_OR_DIR ...``: rewrite evaluation records (*.json) compactly."""
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)

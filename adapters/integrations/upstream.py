@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from adapters.errors import UpstreamMissingError
+from adapters.runtime.errors import UpstreamMissingError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # adapters/integrations/upstream.py -> the project root
 # package -> the tree (relative to the project root) it is imported from
 UPSTREAM_TREES: dict[str, str] = {"ldm": "third_party/latent-diffusion",
                                   "enhancing": "third_party/enhancing-transformers"}

@@ -24,12 +24,13 @@ class NonFiniteLossError(UserError):
 
 class UntrustedCheckpointError(UserError):
     """A checkpoint holds more than weights and the data types Lightning checkpoints hold, so loading it could run
-    code from the file (``adapters.safe_load``). The message names the file, the types and the opt-in that trusts it."""
+    code from the file (``adapters.runtime.safe_load``). The message names the file, the types and the opt-in that
+    trusts it."""
 
 
 class UpstreamMissingError(UserError, ModuleNotFoundError):
     """An upstream package (``ldm``, ``enhancing``) cannot be imported: the message names its tree under
-    ``third_party/`` and says to run ``scripts/setup_submodules.sh`` (``adapters.upstream``)."""
+    ``third_party/`` and says to run ``scripts/setup_submodules.sh`` (``adapters.integrations.upstream``)."""
 
 
 class CheckpointMismatchError(UserError, ValueError):
