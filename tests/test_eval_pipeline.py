@@ -18,6 +18,8 @@ import yaml
 from torch import nn
 
 from adapters import evaluation as E
+from adapters.evaluation import distributed
+from adapters.evaluation import metrics as M
 from adapters.quantizer import RotationVectorQuantizer
 from conftest import ROOT, requires_enhancing, requires_ldm
 
@@ -238,7 +240,7 @@ def test_injected_lpips_and_inception_match_torch_fidelity(inception_weights) ->
     import torch_fidelity
 
     net = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)  # random backbone, heads from the wheel
-    inc = E.M.load_inception(inception_weights, allow_download=False)
+    inc = M.load_inception(inception_weights, allow_download=False)
     opts = E.EvalOptions(batch_size=2, progress=False, device="cpu", examples=2)
     model, images = TinyVQ(), _images(2, size=32)
     res = E.evaluate(model, ListDataset(images), opts, inception=inc, lpips_net=net)
@@ -247,7 +249,7 @@ def test_injected_lpips_and_inception_match_torch_fidelity(inception_weights) ->
     with torch.no_grad():
         x = images.permute(0, 3, 1, 2)
         xrec, _ = model.eval()(x)
-    originals, recons = E.M.to_uint8((x + 1) / 2), E.M.to_uint8((xrec + 1) / 2)
+    originals, recons = M.to_uint8((x + 1) / 2), M.to_uint8((xrec + 1) / 2)
     ref = torch_fidelity.calculate_metrics(
         input1=TensorImages(recons), input2=TensorImages(originals),
         fid=True, isc=True, isc_splits=2, cuda=False, batch_size=2, verbose=False, cache=False,
@@ -273,7 +275,7 @@ def test_checkpoint_that_does_not_fit_the_config_is_one_clear_error(tmp_path) ->
 def test_missing_inception_weights_stop_the_run_before_evaluating(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     opts = E.EvalOptions(batch_size=2, lpips=False, progress=False, device="cpu", allow_download=False)
-    with pytest.raises(E.M.MissingWeightsError, match="--inception-weights"):
+    with pytest.raises(M.MissingWeightsError, match="--inception-weights"):
         E.evaluate(TinyVQ(), ListDataset(_images(2)), opts)
 
 
@@ -379,12 +381,12 @@ def test_evaluate_command_reports_bad_input_in_one_line(tmp_path) -> None:
 
 def test_shard_spreads_a_limit_and_gives_each_rank_a_contiguous_slice(monkeypatch) -> None:
     data = list(range(100))
-    assert list(E._shard(data, 5)) == [0, 25, 50, 74, 99]
-    assert list(E._shard(data, None)) == data
-    monkeypatch.setattr(E, "_dist_on", lambda: True)
-    monkeypatch.setattr(E.dist, "get_world_size", lambda: 4)
+    assert list(distributed.rank_shard(data, 5)) == [0, 25, 50, 74, 99]
+    assert list(distributed.rank_shard(data, None)) == data
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 4)
     parts = []
     for rank in range(4):
-        monkeypatch.setattr(E.dist, "get_rank", lambda rank=rank: rank)
-        parts.append(list(E._shard(data, None)))
+        monkeypatch.setattr(distributed.dist, "get_rank", lambda rank=rank: rank)
+        parts.append(list(distributed.rank_shard(data, None)))
     assert parts[1] == list(range(25, 50)) and sum(parts, []) == data
