@@ -28,6 +28,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from adapters import canonical_target
+
 PERCEPTUAL_OVERRIDE = "model.params.lossconfig.params.perceptual_weight=0"
 # loss classes that build taming's LPIPS when perceptual_weight > 0 (taming's default weight is 1.0)
 LPIPS_LOSSES = ("adapters.integrations.losses.VQLPIPSWithDiscriminator",
@@ -148,7 +150,7 @@ def lpips_problems(model_config: Mapping[str, Any]) -> list[str]:
     """One line when the loss would build taming's LPIPS, its weight files are not on disk and their host cannot be
     reached (or ``ROTATION_TRICK_OFFLINE=1``)."""
     loss = (model_config.get("params") or {}).get("lossconfig") or {}
-    if str(loss.get("target", "")) not in LPIPS_LOSSES:
+    if canonical_target(str(loss.get("target", ""))) not in LPIPS_LOSSES:  # a saved config may name an old path
         return []
     weight = float((loss.get("params") or {}).get("perceptual_weight", 1.0))
     if weight == 0:
@@ -202,7 +204,7 @@ def enhancing_lpips_problems(model_config: Mapping[str, Any], config_name: str =
     """One line when enhancing's loss would build LPIPS, torchvision's VGG16 weights are not on disk and their host
     cannot be reached (or ``ROTATION_TRICK_OFFLINE=1``), with the command that puts them there."""
     loss = (model_config.get("params") or {}).get("loss") or {}
-    target = str(loss.get("target", ""))
+    target = canonical_target(str(loss.get("target", "")))  # a saved config may name an old path
     if target not in ENHANCING_LPIPS_LOSSES:
         return []
     weight = float((loss.get("params") or {}).get("perceptual_weight", 1.0))
