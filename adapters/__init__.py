@@ -45,9 +45,6 @@ LEGACY_MODULES: dict[str, tuple[str, str]] = {
                            "enhancing patch 09 imports RunGuard"),
     "adapters.safe_load": ("adapters.runtime.safe_load",
                            "latent-diffusion patch 0010 imports load_checkpoint"),
-    "adapters.records": ("adapters.evaluation.records",
-                         "scripts/seed_summary.py imports dumps_record from it (to drop once it imports the new "
-                         "path)"),
 }
 
 

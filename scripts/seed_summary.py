@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from adapters.records import dumps_record  # noqa: E402
+from adapters import canonical_target  # noqa: E402
+from adapters.evaluation.records import dumps_record  # noqa: E402
 
 # metric key -> (column title, True if higher is better, format)
 METRICS: dict[str, tuple[str, bool, str]] = {
@@ -55,10 +56,19 @@ def family_of(row: str) -> Optional[str]:
     return max(fams, key=len) if fams else None
 
 
+def _canonical(node: Any) -> Any:
+    """A config with every ``target:`` on its current module path: a record written before the layout moved
+    (``adapters.ldm.RotationVQModel``) names the same class as one written after."""
+    if isinstance(node, dict):
+        return {k: canonical_target(v) if k == "target" and isinstance(v, str) else _canonical(v)
+                for k, v in node.items()}
+    return [_canonical(v) for v in node] if isinstance(node, list) else node
+
+
 def config_fingerprint(rec: Mapping[str, Any]) -> str:
     """What must be equal for two records to be compared: the training config without the estimator (the one thing
     the arms of a comparison differ in), and the evaluation data. 12 hex digits of a sha256."""
-    cfg = json.loads(json.dumps(rec.get("config") or {}, default=str))
+    cfg = _canonical(json.loads(json.dumps(rec.get("config") or {}, default=str)))
     params = (cfg.get("model") or {}).get("params") or {}
     params.pop("gradient", None)
     data = {k: v for k, v in (rec.get("data") or {}).items() if k not in ("batch_size",)}
@@ -74,7 +84,7 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """Dotted config keys whose values differ between two records (the estimator aside)."""
-    fa, fb = (_flat(json.loads(json.dumps(r.get("config") or {}, default=str))) for r in (a, b))
+    fa, fb = (_flat(_canonical(json.loads(json.dumps(r.get("config") or {}, default=str)))) for r in (a, b))
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k != "model.params.gradient")
 
 

@@ -177,3 +177,16 @@ def test_horizon_table_reads_each_rows_training_curves(tmp_path: Path) -> None:
     assert h["vqgan_rot"]["codebook_usage@2000"][0] == pytest.approx(2 * 1.98 + 0.005)
     assert "usage / batch @200" in (tmp_path / "report" / "seeds.md").read_text()
     assert s["rows"]["vqgan_rot"]["curves"][0]["codebook_usage"][0][-1] == 2000.0  # kept for redrawing
+
+
+def test_records_from_before_and_after_the_layout_move_are_compared(tmp_path: Path) -> None:
+    """A record naming adapters.ldm.RotationVQModel (before issue 15's layout) and one naming
+    adapters.integrations.ldm.RotationVQModel name the same class: same fingerprint, no config difference."""
+    old = _record("vqgan_ste", "ste", 0)
+    new = _record("vqgan_rot", "rotation_released", 0)
+    old["config"]["model"]["target"] = "adapters.ldm.RotationVQModel"
+    new["config"]["model"]["target"] = "adapters.integrations.ldm.RotationVQModel"
+    assert seed_summary.config_fingerprint(old) == seed_summary.config_fingerprint(new)
+    assert seed_summary.config_diff(old, new) == []
+    new["config"]["model"]["target"] = "adapters.integrations.ldm.GumbelVQModel"
+    assert seed_summary.config_diff(old, new) == ["model.target"]
