@@ -49,6 +49,8 @@ PAIRS: tuple[tuple[str, str, str], ...] = (("rot", "ste", "rotation (released) -
                                            ("rot_paper", "ste", "rotation (paper's formula) - STE"),
                                            ("rot", "rot_paper", "released - paper's formula"))
 SCHEMA_PREFIX = "rotation-trick-eval/"
+# A verdict needs every seed to agree in sign, over at least this many seeds (3: a sign test at p = 0.25 one-sided).
+MIN_SEEDS = 3
 
 
 def family_of(row: str) -> Optional[str]:
@@ -121,8 +123,9 @@ def mean_std(vals: Sequence[float]) -> tuple[float, float]:
 def verdict(diffs: Sequence[float], higher_better: bool) -> tuple[str, str]:
     """(verdict, basis) for paired differences row - baseline over seeds: ``better`` / ``worse`` (for the row) only
     when every seed agrees in sign, else ``no clear difference``; the basis gives the count and a paired t."""
-    if len(diffs) < 2:
-        return "no clear difference", f"only {len(diffs)} seed"
+    if len(diffs) < MIN_SEEDS:
+        signs = "".join("+" if d > 0 else "-" if d < 0 else "0" for d in diffs)
+        return "too few seeds", f"{len(diffs)} of the {MIN_SEEDS} a verdict needs (signs {signs})"
     better = [(d > 0) if higher_better else (d < 0) for d in diffs]
     worse = [(d < 0) if higher_better else (d > 0) for d in diffs]
     mu, sd = mean_std(diffs)
@@ -363,8 +366,9 @@ def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command:
             lines += hl
         if plots and plot_bands(rows, family, report / f"training_seeds_{family}.png"):
             lines += [f"![training curves]({f'training_seeds_{family}.png'})", ""]
-    lines += ["Verdicts: 'better'/'worse' (for the first row of the pair) only when every seed agrees in sign; with 3 "
-              "seeds that is a sign test at p = 0.25 (one-sided), weak evidence on its own. Rows are compared only "
+    lines += ["Verdicts: 'better'/'worse' (for the first row of the pair) only when every seed agrees in sign, over "
+              f"at least {MIN_SEEDS} seeds ('too few seeds' below that); with 3 seeds that is a sign test at p = 0.25 "
+              "(one-sided), weak evidence on its own. Rows are compared only "
               "when their records share the step and the config (estimator aside; column `config`).", ""]
     (report / "seeds.md").write_text("\n".join(lines))
     (report / "seeds.json").write_text(dumps_record(summary, default=str))
