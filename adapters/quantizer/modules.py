@@ -8,6 +8,7 @@ enhancing-transformers' ``VectorQuantizer`` interface (l2-normalised lookup, ``(
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Any, Optional
 
 import torch
@@ -111,7 +112,15 @@ class RotationVectorQuantizer(VectorQuantizer2):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1
         if not distributed or torch.distributed.get_rank() == 0:
+            start = time.perf_counter()
             codebook = kmeans_codebook(z.float(), self.n_e, self.kmeans_iters, spherical=self.use_norm)
+            # One line in the run's log, so a reader can tell the init happened, on what, and what it cost.
+            n = z.shape[0]
+            how = (f"k-means++ and {self.kmeans_iters} Lloyd iterations" if n > self.n_e else
+                   "one code per vector" + (f", {self.n_e - n} jittered copies" if n < self.n_e else ""))
+            print(f"codebook_init kmeans: {self.n_e} codes from {n} encoder outputs of the first training "
+                  f"batch ({how}{', spherical' if self.use_norm else ''}), {time.perf_counter() - start:.2f} s",
+                  flush=True)
         else:
             codebook = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
         codebook = codebook.to(weight.device)
