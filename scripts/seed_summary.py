@@ -251,14 +251,14 @@ def plot_bands(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], family: str,
             if not steps:
                 continue
             v = np.array([[c[t] for t in steps] for c in curves])
-            # Per-batch values are noisy: each seed's curve is a running mean over 5 logged points (50 steps).
+            # Per-batch values are noisy: each seed's curve is a running mean over 5 logged points (50 steps when logged every 10).
             k = min(5, v.shape[1])
             v = np.stack([np.convolve(row_v, np.ones(k) / k, mode="valid") for row_v in v])
             steps = steps[k - 1:]
             ax.fill_between(steps, v.min(0), v.max(0), color=colours.get(kind), alpha=0.2)
             ax.plot(steps, v.mean(0), style, color=colours.get(kind), label=f"{row} ({len(curves)} seeds)")
             drawn = True
-    return finish_curves(fig, axes, drawn, f"{FAMILIES[family]}\nrunning mean over 50 steps; line = mean over seeds, band = min..max", path)
+    return finish_curves(fig, axes, drawn, f"{FAMILIES[family]}\nrunning mean over 5 logged points; line = mean over seeds, band = min..max", path)
 
 
 def curve_points(rec: Mapping[str, Any], every: int = 50) -> dict[str, list[list[float]]]:
