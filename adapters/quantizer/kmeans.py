@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .search import find_nearest
+
 CODEBOOK_INITS: tuple[str, ...] = ("upstream", "kmeans")
 
 
@@ -44,8 +46,6 @@ def check_codebook_init(codebook_init: str) -> str:
 
 def _nearest(x: Tensor, centres: Tensor) -> Tensor:
     """(N, d), (K, d) -> (N,) index of the nearest centre, by the project's blocked search (bounded memory)."""
-    from .search import find_nearest  # local import: search imports nothing from here, but keep the graph one-way
-
     return find_nearest(x, centres, "blocked")
 
 
