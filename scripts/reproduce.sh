@@ -134,7 +134,8 @@ if [[ -n "$SEEDS" ]]; then
   fail=0
   for p in "${pids[@]}"; do wait "$p" || fail=1; done
   (( fail == 0 )) || echo "reproduce.sh: a seed's run failed (see $OUT/seed_*.log); summarising what finished" >&2
-  summary=("$PYTHON" scripts/seed_summary.py "$OUT" --out "$REPORT" --command "$INVOCATION"
+  # --embed-curves: each record keeps its training curves, so the figures survive the run folders.
+  summary=("$PYTHON" scripts/seed_summary.py "$OUT" --out "$REPORT" --command "$INVOCATION" --embed-curves
            --wall-seconds "$(( $(date +%s) - START ))")
   (( OVERWRITE == 1 )) && summary+=(--overwrite)
   printf '+'; printf ' %q' "${summary[@]}"; printf '\n'

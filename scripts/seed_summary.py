@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Across-seed summary of a ``reproduce.sh --seeds`` run: per-seed values, mean +- std, a verdict per metric, bands.
 
-  python scripts/seed_summary.py OUT --out REPORT [--command "..."] [--wall-seconds N]
+  python scripts/seed_summary.py OUT --out REPORT [--command "..."] [--wall-seconds N] [--embed-curves]
+  python scripts/seed_summary.py LABEL=OUT LABEL=OUT ... --out REPORT --horizons 200,1000,2000
 
 OUT holds ``seed_<S>/results/<row>.json`` (scripts/evaluate.py records). Rows are compared with the STE row of the
 same codebase (``vqgan_ste``, ``vit_ste``). A verdict says "rotation better" / "rotation worse" only when every seed
@@ -9,7 +10,8 @@ agrees in sign (paired by seed); otherwise "no clear difference" (with a paired 
 three seeds, all-agree is a sign test at p = 0.25 one-sided: weak evidence, stated as such in the report.
 
 Writes REPORT/seeds.md, REPORT/seeds.json and REPORT/training_seeds_{vqgan,vit}.png (training usage and
-quantization error against step: mean over seeds, band = min..max over seeds).
+quantization error against step, 50-step means: mean over seeds, band = min..max over seeds). The curves come from
+each record (``training_curves``, written by ``--embed-curves`` while the run folder is there) or its run folder.
 """
 from __future__ import annotations
 
@@ -51,6 +53,9 @@ PAIRS: tuple[tuple[str, str, str], ...] = (("rot", "ste", "rotation (released) -
 SCHEMA_PREFIX = "rotation-trick-eval/"
 # A verdict needs every seed to agree in sign, over at least this many seeds (3: a sign test at p = 0.25 one-sided).
 MIN_SEEDS = 3
+# The training curves kept per row: logged every few steps, stored and drawn as means over bins of CURVE_BIN steps.
+CURVES = ("codebook_usage", "quant_error")
+CURVE_BIN = 50
 
 
 def family_of(row: str) -> Optional[str]:
@@ -207,7 +212,25 @@ def comparison_lines(c: Mapping[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def bin_means(points: Sequence[tuple[int, float]], every: int = CURVE_BIN) -> list[tuple[int, float]]:
+    """The mean of the logged values in each bin (t - every, t], labelled t (a multiple of ``every``).
+
+    Per-batch values are noisy, and a run logs at steps such as 9, 19, ..., 1999: keeping only the points at
+    multiples of ``every`` kept almost nothing. Bin means are what the figures and the horizon table read, whether
+    the curve came from a run folder or from a record that stored it."""
+    bins: dict[int, list[float]] = {}
+    for s, v in points:
+        bins.setdefault(-(-int(s) // every) * every, []).append(float(v))
+    return [(t, sum(vs) / len(vs)) for t, vs in sorted(bins.items())]
+
+
 def training_series(rec: Mapping[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """Training usage and quantization error of a record's run as 50-step bin means: the curves the record stored
+    (``training_curves``, see :func:`embed_curves`) or, failing that, its run folder's logs; {} when neither is
+    there (a run folder that was not kept)."""
+    stored = rec.get("training_curves")
+    if stored:
+        return {name: [(int(t), float(v)) for t, v in zip(*stored[name])] for name in CURVES if name in stored}
     from make_tables import find_log_dir, pick_series, read_scalars
 
     d = find_log_dir(rec)
@@ -215,11 +238,41 @@ def training_series(rec: Mapping[str, Any]) -> dict[str, list[tuple[int, float]]
         return {}
     s = read_scalars(d)
     out = {}
-    for name in ("codebook_usage", "quant_error"):
+    for name in CURVES:
         pts = pick_series(s, name)
         if pts:
-            out[name] = pts
+            out[name] = bin_means(pts)
     return out
+
+
+def curve_points(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored form of :func:`training_series`: ``{"every": 50, name: [[step, ...], [mean, ...]]}``, {} if none."""
+    series = training_series(rec)
+    if not series:
+        return {}
+    out: dict[str, Any] = {"every": CURVE_BIN}
+    for name, pts in series.items():
+        out[name] = [[float(t) for t, _ in pts], [v for _, v in pts]]
+    return out
+
+
+def embed_curves(rows: Mapping[str, Mapping[int, dict[str, Any]]]) -> list[str]:
+    """Write each record's training curves into the record file (key ``training_curves``) when its run folder is
+    still there and the record has none yet, so that the figures and the horizon table can be redrawn after the run
+    folders are gone. Returns the paths written."""
+    written = []
+    for per in rows.values():
+        for rec in per.values():
+            if rec.get("training_curves"):
+                continue
+            curves = curve_points(rec)
+            if not curves:
+                continue
+            rec["training_curves"] = curves
+            path = Path(rec["_path"])
+            path.write_text(dumps_record({k: v for k, v in rec.items() if k != "_path"}))
+            written.append(str(path))
+    return written
 
 
 def plot_bands(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], family: str, path: Path) -> bool:
@@ -243,32 +296,18 @@ def plot_bands(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], family: str,
         kind = row.split("/")[-1][len(family) + 1:]
         style = styles.get(row.split("/")[0], "-") if "/" in row else "-"
         per_seed = [training_series(rec) for rec in rows[row].values()]
-        for ax, name in zip(axes, ("codebook_usage", "quant_error")):
+        for ax, name in zip(axes, CURVES):
             curves = [dict(s[name]) for s in per_seed if name in s]
             if not curves:
                 continue
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             if not steps:
                 continue
-            v = np.array([[c[t] for t in steps] for c in curves])
-            # Per-batch values are noisy: each seed's curve is a running mean over 5 logged points (50 steps when logged every 10).
-            k = min(5, v.shape[1])
-            v = np.stack([np.convolve(row_v, np.ones(k) / k, mode="valid") for row_v in v])
-            steps = steps[k - 1:]
+            v = np.array([[c[t] for t in steps] for c in curves])  # 50-step bin means (per-batch values are noisy)
             ax.fill_between(steps, v.min(0), v.max(0), color=colours.get(kind), alpha=0.2)
             ax.plot(steps, v.mean(0), style, color=colours.get(kind), label=f"{row} ({len(curves)} seeds)")
             drawn = True
-    return finish_curves(fig, axes, drawn, f"{FAMILIES[family]}\nrunning mean over 5 logged points; line = mean over seeds, band = min..max", path)
-
-
-def curve_points(rec: Mapping[str, Any], every: int = 50) -> dict[str, list[list[float]]]:
-    """Training usage and quantization error every ``every`` steps ([[step, ...], [value, ...]]), for the summary:
-    the figures can be redrawn from it without the run folders."""
-    out = {}
-    for name, pts in training_series(rec).items():
-        kept = [(s, v) for s, v in pts if s % every == 0 or s == pts[-1][0]]
-        out[name] = [[float(s) for s, _ in kept], [float(v) for _, v in kept]]
-    return out
+    return finish_curves(fig, axes, drawn, f"{FAMILIES[family]}\nmean over each {CURVE_BIN} steps; line = mean over seeds, band = min..max", path)
 
 
 def window_mean(points: Sequence[tuple[int, float]], step: int, window: int = 50) -> Optional[float]:
@@ -280,21 +319,23 @@ def window_mean(points: Sequence[tuple[int, float]], step: int, window: int = 50
 def horizon_lines(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], names: Sequence[str],
                   horizons: Sequence[int]) -> tuple[list[str], dict[str, Any]]:
     """Training usage per batch and quantization error at each horizon (mean of the 50 logged steps up to it),
-    mean ± std over seeds: how the picture changes with training length, for every row."""
+    mean ± std over the seeds whose curves are there: how the picture changes with training length, for every row."""
     table: dict[str, Any] = {}
-    lines = ["Training curves at each horizon (mean over the 50 steps up to it; mean ± std over seeds):", "",
-             "| row | " + " | ".join(f"usage / batch @{h} | quant. error @{h}" for h in horizons) + " |",
-             "|---|" + "---|---|" * len(horizons)]
+    lines = ["Training curves at each horizon (mean over the 50 steps up to it; mean ± std over the seeds whose "
+             "curves were kept):", "",
+             "| row | seeds | " + " | ".join(f"usage / batch @{h} | quant. error @{h}" for h in horizons) + " |",
+             "|---|---|" + "---|---|" * len(horizons)]
     for row in names:
-        series = [training_series(r) for r in rows[row].values()]
-        cells, entry = [], {}
+        by_seed = {seed: training_series(r) for seed, r in sorted(rows[row].items())}
+        series = [s for s in by_seed.values() if s]
+        cells, entry = [], {"seeds": [seed for seed, s in by_seed.items() if s]}
         for h in horizons:
             for name, kind in (("codebook_usage", "pct"), ("quant_error", "sci")):
                 vals = [v for v in (window_mean(s[name], h) for s in series if name in s) if v is not None]
                 entry[f"{name}@{h}"] = mean_std(vals) if vals else None
                 cells.append("-" if not vals else f"{fmt(mean_std(vals)[0], kind)} ± {fmt(mean_std(vals)[1], kind)}")
         table[row] = entry
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row} | {', '.join(map(str, entry['seeds'])) or '-'} | " + " | ".join(cells) + " |")
     return lines + [""], table
 
 
@@ -306,10 +347,13 @@ def records_digest(rows: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[
 
 def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command: Optional[str] = None,
               wall_seconds: Optional[float] = None, plots: bool = True, overwrite: bool = False,
-              horizons: Sequence[int] = ()) -> dict[str, Any]:
+              horizons: Sequence[int] = (), embed: bool = False) -> dict[str, Any]:
     rows: dict[str, dict[int, dict[str, Any]]] = {}
     for label, out in outs:
         rows.update(collect(out, label))
+    if embed:
+        for path in embed_curves(rows):
+            print(f"seed_summary: training curves kept in {path}", file=sys.stderr)
     digests = records_digest(rows)
     old = report / "seeds.json"
     if old.is_file() and not overwrite and json.loads(old.read_text()).get("records") not in (None, digests):
@@ -366,6 +410,11 @@ def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command:
             lines += hl
         if plots and plot_bands(rows, family, report / f"training_seeds_{family}.png"):
             lines += [f"![training curves]({f'training_seeds_{family}.png'})", ""]
+    missing = [f"{row} seed {seed}" for row in sorted(rows) for seed, r in sorted(rows[row].items())
+               if not training_series(r)]
+    if missing:
+        lines += ["No training curves (neither stored in the record nor a run folder beside it; left out of the "
+                  "figures and the horizon table): " + ", ".join(missing) + ".", ""]
     lines += ["Verdicts: 'better'/'worse' (for the first row of the pair) only when every seed agrees in sign, over "
               f"at least {MIN_SEEDS} seeds ('too few seeds' below that); with 3 seeds that is a sign test at p = 0.25 "
               "(one-sided), weak evidence on its own. Rows are compared only "
@@ -386,6 +435,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--wall-seconds", type=float, default=None)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a summary made from other records")
+    p.add_argument("--embed-curves", action="store_true",
+                   help="write each record's training curves (50-step means, from its run folder) into the record, "
+                        "so that figures and horizons survive the run folders")
     p.add_argument("--horizons", default="", help="training steps at which to read every row's training curves, "
                                                   "e.g. 200,2000 (the mean over the 50 steps up to each)")
     a = p.parse_args(argv)
@@ -393,7 +445,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if len(outs) > 1 and any(label is None for label, _ in outs):
         p.error("with several OUT folders, give each a label: LABEL=OUT")
     horizons = [int(h) for h in a.horizons.split(",") if h]
-    return summarise(outs, Path(a.report), a.command, a.wall_seconds, not a.no_plots, a.overwrite, horizons)
+    return summarise(outs, Path(a.report), a.command, a.wall_seconds, not a.no_plots, a.overwrite, horizons,
+                     a.embed_curves)
 
 
 if __name__ == "__main__":

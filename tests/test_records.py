@@ -157,26 +157,59 @@ def test_cli_compares_the_same_row_across_labelled_runs(tmp_path: Path) -> None:
     assert "configs differ in model.params.quantizer_config.codebook_init" in (tmp_path / "r" / "seeds.md").read_text()
 
 
-def test_horizon_table_reads_each_rows_training_curves(tmp_path: Path) -> None:
-    """The usage and quantization error at each horizon: the mean of the logged steps in (h - 50, h], per seed."""
+def _logged_runs(tmp_path: Path) -> dict:
+    """Two seeds x (STE, rotation) records whose run folders log usage and quantization error at steps 9, 19, ...,
+    1999, as Lightning does here (usage = scale * step / 1000 + seed / 100, error = 1 / step)."""
     recs = {}
     for seed in (0, 1):
         for row, grad, scale in (("vqgan_ste", "ste", 1.0), ("vqgan_rot", "rotation_released", 2.0)):
             run = tmp_path / "logs" / f"{row}{seed}"
             (run / "checkpoints").mkdir(parents=True)
             lines = ["step,train/codebook_usage_step,train/quant_error_step"]
-            lines += [f"{s},{scale * s / 1000 + seed * 0.01},{1.0 / s}" for s in range(10, 2001, 10)]
+            lines += [f"{s},{scale * s / 1000 + seed * 0.01},{1.0 / s}" for s in range(9, 2000, 10)]
             (run / "metrics.csv").write_text("\n".join(lines) + "\n")
             rec = _record(row, grad, seed)
             rec["checkpoint"]["path"] = str(run / "checkpoints" / "last.ckpt")
             recs[(seed, row)] = rec
-    s = _summary(tmp_path, recs, horizons=(200, 2000))
+    return recs
+
+
+def test_horizon_table_reads_each_rows_training_curves(tmp_path: Path) -> None:
+    """The usage and quantization error at each horizon: the mean of the logged steps in (h - 50, h], per seed."""
+    s = _summary(tmp_path, _logged_runs(tmp_path), horizons=(200, 2000))
     h = s["horizons"]["vqgan"]
-    # steps 160..200 for @200: mean step 180 -> usage 0.18 (STE) + seed offset; two seeds -> +0.005 on average
-    assert h["vqgan_ste"]["codebook_usage@200"][0] == pytest.approx(0.18 + 0.005)
-    assert h["vqgan_rot"]["codebook_usage@2000"][0] == pytest.approx(2 * 1.98 + 0.005)
+    # steps 159..199 for @200: mean step 179 -> usage 0.179 (STE) + seed offset; two seeds -> +0.005 on average
+    assert h["vqgan_ste"]["codebook_usage@200"][0] == pytest.approx(0.179 + 0.005)
+    assert h["vqgan_rot"]["codebook_usage@2000"][0] == pytest.approx(2 * 1.979 + 0.005)
+    assert h["vqgan_rot"]["seeds"] == [0, 1]
     assert "usage / batch @200" in (tmp_path / "report" / "seeds.md").read_text()
-    assert s["rows"]["vqgan_rot"]["curves"][0]["codebook_usage"][0][-1] == 2000.0  # kept for redrawing
+    steps, means = s["rows"]["vqgan_rot"]["curves"][0]["codebook_usage"]  # kept for redrawing: 40 bins of 50 steps
+    assert steps == [50.0 * k for k in range(1, 41)] and means[0] == pytest.approx(2 * 0.029)
+
+
+def test_embedded_curves_outlive_the_run_folders(tmp_path: Path) -> None:
+    """--embed-curves writes each record's 50-step curves into it; with the run folders gone the horizon table and
+    the stored curves are the same, and a record with neither is named instead of silently missing."""
+    import shutil
+
+    recs = _logged_runs(tmp_path)
+    first = _summary(tmp_path, recs, horizons=(200, 1000, 2000), embed=True, overwrite=True)
+    shutil.rmtree(tmp_path / "logs")
+    stored = json.loads((tmp_path / "runs" / "seed_1" / "results" / "vqgan_ste.json").read_text())
+    assert stored["training_curves"]["every"] == 50 and len(stored["training_curves"]["quant_error"][0]) == 40
+    again = seed_summary.summarise([(None, tmp_path / "runs")], tmp_path / "report2", plots=False,
+                                   horizons=(200, 1000, 2000))
+    assert again["horizons"] == first["horizons"]
+    assert again["rows"]["vqgan_rot"]["curves"] == first["rows"]["vqgan_rot"]["curves"]
+    # a record without curves and without its run folder: left out of the horizon table, and said so
+    f = tmp_path / "runs" / "seed_1" / "results" / "vqgan_rot.json"
+    rec = json.loads(f.read_text())
+    del rec["training_curves"]
+    f.write_text(dumps_record(rec))
+    third = seed_summary.summarise([(None, tmp_path / "runs")], tmp_path / "report3", plots=False, horizons=(2000,))
+    assert third["horizons"]["vqgan"]["vqgan_rot"]["seeds"] == [0]
+    assert "No training curves" in (tmp_path / "report3" / "seeds.md").read_text()
+    assert "vqgan_rot seed 1" in (tmp_path / "report3" / "seeds.md").read_text()
 
 
 def test_records_from_before_and_after_the_layout_move_are_compared(tmp_path: Path) -> None:
