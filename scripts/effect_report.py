@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Fill the effect study's tables in docs/report/README.md from the across-seed summary (scripts/seed_summary.py).
+
+  python scripts/effect_report.py docs/report/effect/seeds.json docs/report/README.md           # rewrite the tables
+  python scripts/effect_report.py docs/report/effect/seeds.json docs/report/README.md --check   # exit 1 if stale
+
+The report keeps its prose by hand and its numbers here: each table sits between ``<!-- NAME -->`` and
+``<!-- /NAME -->`` (MAIN: metrics at the last step, mean +- std over seeds; HORIZON: training curves at each horizon;
+VERDICTS: paired differences per seed and the verdict of seed_summary's rule). ``--check`` is what the tests run, so
+a summary that changed without its report (or the reverse) is caught.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from seed_summary import FAMILIES, METRICS, family_of, fmt  # noqa: E402
+
+CODEBOOKS = {"vqgan": "8192 x 3", "vqgan_regime": "128 x 3 (regime)", "vit": "ViT 8192 x 32"}
+INITS = {"upstream": "upstream"}  # every other label of the effect study used the k-means init
+ESTIMATORS = {"ste": "STE", "rot": "rotation (released)", "rot_paper": "rotation (paper)"}
+# The metrics of the MAIN table (all of seed_summary's but the per-element error) and of the VERDICTS table.
+MAIN = ("codebook_usage_per_batch", "codebook_usage_whole_set", "perplexity_whole_set", "dead_codes", "quant_error",
+        "valid_loss", "psnr", "ssim")
+VERDICTS = ("codebook_usage_per_batch", "codebook_usage_whole_set", "quant_error", "valid_loss", "psnr", "ssim")
+
+
+def describe(row: str) -> tuple[str, str, str]:
+    """``label/family_estimator`` -> (codebook, init, estimator) as the report names them."""
+    label, name = row.split("/", 1) if "/" in row else ("", row)
+    family = family_of(name)
+    if family is None:
+        raise SystemExit(f"effect_report: row {row!r} is not of a known family ({', '.join(FAMILIES)})")
+    return CODEBOOKS[family], INITS.get(label, "k-means"), ESTIMATORS.get(name[len(family) + 1:], name)
+
+
+def ordered(rows: Sequence[str]) -> list[str]:
+    """Family, then the labels in the summary's order, then STE before rotation."""
+    labels = list(dict.fromkeys(r.split("/", 1)[0] for r in rows))
+    est = list(ESTIMATORS)
+
+    def key(r: str) -> tuple[int, int, int]:
+        name = r.split("/", 1)[-1]
+        fam = family_of(name) or ""
+        return list(FAMILIES).index(fam), labels.index(r.split("/", 1)[0]), est.index(name[len(fam) + 1:]) \
+            if name[len(fam) + 1:] in est else len(est)
+    return sorted(rows, key=key)
+
+
+def _cell(ms: Optional[Sequence[float]], kind: str, n: int) -> str:
+    if ms is None:
+        return "-"
+    return fmt(ms[0], kind) if n < 2 else f"{fmt(ms[0], kind)} ± {fmt(ms[1], kind)}"
+
+
+def _kind(metric: str) -> str:
+    return "int" if metric == "perplexity_whole_set" else METRICS[metric][2]
+
+
+def main_table(summary: Mapping[str, Any]) -> list[str]:
+    titles = [METRICS[m][0] for m in MAIN]
+    lines = ["| codebook | init | estimator | seeds | " + " | ".join(titles) + " |", "|---|---|---|---|" + "---|" * len(MAIN)]
+    for row in ordered(list(summary["rows"])):
+        e = summary["rows"][row]
+        seeds = sorted(map(str, e["per_seed"]), key=int)
+        lines.append("| " + " | ".join(describe(row)) + f" | {','.join(seeds)} | "
+                     + " | ".join(_cell(e["mean_std"].get(m), _kind(m), len(seeds)) for m in MAIN) + " |")
+    return lines
+
+
+def horizon_table(summary: Mapping[str, Any]) -> list[str]:
+    table = {row: e for fam in summary.get("horizons", {}).values() for row, e in fam.items()}
+    if not table:
+        return ["(no horizons in the summary: run seed_summary.py with --horizons)"]
+    hs = sorted({int(k.split("@")[1]) for e in table.values() for k in e if "@" in k})
+    lines = ["| codebook | init | estimator | seeds with curves | "
+             + " | ".join(f"usage / batch @{h}" for h in hs) + " | " + " | ".join(f"quant. error @{h}" for h in hs)
+             + " |", "|---|---|---|---|" + "---|" * (2 * len(hs))]
+    for row in ordered(list(table)):
+        e = table[row]
+        n = len(e.get("seeds", []))
+        cells = [_cell(e.get(f"{name}@{h}"), kind, n) for name, kind in (("codebook_usage", "pct"),
+                                                                          ("quant_error", "sci")) for h in hs]
+        lines.append("| " + " | ".join(describe(row)) + f" | {','.join(map(str, e.get('seeds', []))) or '-'} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def _diff(d: float, metric: str) -> str:
+    kind = METRICS[metric][2]
+    if kind == "pct":  # percentage points
+        return f"{100 * d:+.2f}"
+    return {"sci": f"{d:+.2e}", "f4": f"{d:+.4f}", "f2": f"{d:+.2f}", "f3": f"{d:+.3f}"}.get(kind, f"{d:+g}")
+
+
+def verdict_table(summary: Mapping[str, Any]) -> list[str]:
+    lines = ["| pair (first minus second) | seeds | " + " | ".join(METRICS[m][0] for m in VERDICTS) + " |",
+             "|---|---|" + "---|" * len(VERDICTS)]
+    for c in summary["comparisons"]:
+        head = f"| {c['row']} - {c['baseline']} | {','.join(map(str, c['seeds']))} | "
+        if c.get("not_comparable"):
+            lines.append(head + f"not compared: {c['not_comparable']} |" + " |" * (len(VERDICTS) - 1))
+            continue
+        cells = []
+        for m in VERDICTS:
+            v = c["metrics"].get(m)
+            cells.append("-" if v is None else f"{v['verdict']} ({', '.join(_diff(d, m) for d in v['diffs'])})")
+        lines.append(head + " | ".join(cells) + " |")
+    return lines
+
+
+def tables(summary: Mapping[str, Any]) -> dict[str, list[str]]:
+    return {"MAIN": main_table(summary), "HORIZON": horizon_table(summary), "VERDICTS": verdict_table(summary)}
+
+
+def fill(text: str, blocks: Mapping[str, Sequence[str]]) -> str:
+    """``text`` with the lines between ``<!-- NAME -->`` and ``<!-- /NAME -->`` replaced by each block."""
+    for name, lines in blocks.items():
+        pattern = re.compile(rf"(<!-- {name} -->\n)(.*?)(<!-- /{name} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"effect_report: the report has no '<!-- {name} -->' ... '<!-- /{name} -->' block; "
+                             "add the two markers where the table belongs")
+        text = pattern.sub(lambda m: m.group(1) + "\n".join(lines) + "\n" + m.group(3), text, count=1)
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("summary", type=Path, help="seeds.json written by scripts/seed_summary.py")
+    p.add_argument("report", type=Path, help="the Markdown report holding the marked tables")
+    p.add_argument("--check", action="store_true", help="do not write; exit 1 if the report's tables are stale")
+    a = p.parse_args(argv)
+    text = a.report.read_text()
+    new = fill(text, tables(json.loads(a.summary.read_text())))
+    if a.check:
+        if new != text:
+            print(f"effect_report: the tables in {a.report} do not match {a.summary}; rerun without --check",
+                  file=sys.stderr)
+            return 1
+        return 0
+    a.report.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

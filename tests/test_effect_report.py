@@ -1,0 +1,63 @@
+"""The effect study's report tables are rendered from the across-seed summary (scripts/effect_report.py), and the
+committed report agrees with the committed summary."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
+import effect_report  # noqa: E402
+import seed_summary  # noqa: E402
+from test_records import _record, _write  # noqa: E402
+
+TEMPLATE = "intro\n\n<!-- MAIN -->\nold\n<!-- /MAIN -->\n\n<!-- HORIZON -->\n<!-- /HORIZON -->\n\n" \
+           "<!-- VERDICTS -->\nold\nold\n<!-- /VERDICTS -->\n\nprose kept\n"
+
+
+def _summary(tmp_path: Path) -> dict:
+    for label, base in (("kmeans", 0.08), ("upstream", 0.02)):
+        for seed in (0, 1, 2):
+            for row, grad, extra in (("vqgan_ste", "ste", 0.0), ("vqgan_rot", "rotation_released", 0.01)):
+                rec = _record(row, grad, seed, usage=base + extra + 0.001 * seed, loss=0.2 - extra)
+                _write(tmp_path / label, seed, row, rec, compact=True)
+    return seed_summary.summarise([("kmeans", tmp_path / "kmeans"), ("upstream", tmp_path / "upstream")],
+                                  tmp_path / "report", plots=False)
+
+
+def test_tables_are_filled_between_the_markers_and_the_prose_is_kept(tmp_path: Path) -> None:
+    s = _summary(tmp_path)
+    text = effect_report.fill(TEMPLATE, effect_report.tables(s))
+    assert text.startswith("intro\n") and text.endswith("prose kept\n") and "\nold\n" not in text
+    main = text.split("<!-- MAIN -->\n")[1].split("<!-- /MAIN -->")[0].splitlines()
+    # STE before rotation, k-means before taming's init; usage 8.0/8.1/8.2% -> mean 8.10% +- 0.10%
+    assert main[2].startswith("| 8192 x 3 | k-means | STE | 0,1,2 | 8.10% ± 0.10% |")
+    assert main[3].startswith("| 8192 x 3 | k-means | rotation (released) | 0,1,2 | 9.10% ± 0.10% |")
+    assert main[4].startswith("| 8192 x 3 | upstream | STE |")
+    verdicts = text.split("<!-- VERDICTS -->\n")[1]
+    assert "| kmeans/vqgan_rot - kmeans/vqgan_ste | 0,1,2 | better (+1.00, +1.00, +1.00) |" in verdicts
+    assert "better (-0.0100, -0.0100, -0.0100)" in verdicts  # valid loss, lower is better
+    assert effect_report.fill(text, effect_report.tables(s)) == text  # idempotent
+
+
+def test_check_catches_a_stale_report_and_a_missing_marker(tmp_path: Path) -> None:
+    _summary(tmp_path)
+    summary, report = tmp_path / "report" / "seeds.json", tmp_path / "README.md"
+    report.write_text(TEMPLATE)
+    assert effect_report.main([str(summary), str(report), "--check"]) == 1
+    assert effect_report.main([str(summary), str(report)]) == 0
+    assert effect_report.main([str(summary), str(report), "--check"]) == 0
+    report.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no '<!-- MAIN -->'"):
+        effect_report.main([str(summary), str(report)])
+
+
+def test_the_committed_report_matches_the_committed_summary() -> None:
+    report, summary = ROOT / "docs" / "report" / "README.md", ROOT / "docs" / "report" / "effect" / "seeds.json"
+    assert effect_report.main([str(summary), str(report), "--check"]) == 0, \
+        f"regenerate with: python scripts/effect_report.py {summary.relative_to(ROOT)} {report.relative_to(ROOT)}"
