@@ -143,21 +143,21 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v.items()) for k, v in series.items()}
 
 
-def find_log_dir(rec: Mapping[str, Any], extra_roots: Sequence[Path] = ()) -> Optional[Path]:
-    """The training run folder of a record: the nearest ancestor of its checkpoint holding scalar logs."""
+def find_log_dir(rec: Mapping[str, Any]) -> Optional[Path]:
+    """The training run folder of a record: the checkpoint's folder or the one above it (latent-diffusion's
+    ``<run>/checkpoints/``, enhancing-transformers' ``<run>/ckpt/``), when it holds scalar logs; else None.
+
+    Never higher: once a run folder is deleted, a folder above it holds other runs' logs (the other estimator's row,
+    a rerun), and a record must not borrow their curves."""
     ckpt = (rec.get("checkpoint") or {}).get("path")
     if rec.get("row", {}).get("log_dir"):
         d = Path(rec["row"]["log_dir"])  # relative: to the record's folder
         return d if d.is_absolute() or "_path" not in rec else Path(rec["_path"]).parent / d
     if not ckpt:
         return None
-    p = Path(ckpt).parent
-    for _ in range(4):
-        if p.parent == p:  # never search a whole filesystem for logs
-            break
+    for p in (Path(ckpt).parent, Path(ckpt).parent.parent):
         if p.is_dir() and (any(p.rglob("metrics.csv")) or any(p.rglob("events.out.tfevents.*"))):
             return p
-        p = p.parent
     return None
 
 

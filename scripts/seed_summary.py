@@ -275,39 +275,26 @@ def embed_curves(rows: Mapping[str, Mapping[int, dict[str, Any]]]) -> list[str]:
     return written
 
 
-def plot_bands(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], family: str, path: Path) -> bool:
-    """Training usage and quantization error vs step: mean over seeds, band min..max, one colour per row."""
-    import matplotlib
+def _family_rows(rows: Mapping[str, Any], family: str) -> list[str]:
+    return sorted(r for r in rows if family_of(r.split("/")[-1]) == family)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from make_tables import finish_curves
 
-    names = [r for r in rows if family_of(r.split("/")[-1]) == family]
-    if not names:
-        return False
-    colours = {"ste": "tab:blue", "rot": "tab:red", "rot_paper": "tab:green"}
-    styles = {label: style for label, style in zip(sorted({r.split("/")[0] for r in names if "/" in r}),
-                                                   ("-", "--", ":", "-."))}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
-    drawn = False
-    for row in sorted(names):
-        kind = row.split("/")[-1][len(family) + 1:]
-        style = styles.get(row.split("/")[0], "-") if "/" in row else "-"
-        per_seed = [training_series(rec) for rec in rows[row].values()]
-        for ax, name in zip(axes, CURVES):
-            curves = [dict(s[name]) for s in per_seed if name in s]
-            if not curves:
-                continue
-            steps = sorted(set.intersection(*(set(c) for c in curves)))
-            if not steps:
-                continue
-            v = np.array([[c[t] for t in steps] for c in curves])  # 50-step bin means (per-batch values are noisy)
-            ax.fill_between(steps, v.min(0), v.max(0), color=colours.get(kind), alpha=0.2)
-            ax.plot(steps, v.mean(0), style, color=colours.get(kind), label=f"{row} ({len(curves)} seeds)")
-            drawn = True
-    return finish_curves(fig, axes, drawn, f"{FAMILIES[family]}\nmean over each {CURVE_BIN} steps; line = mean over seeds, band = min..max", path)
+def plot_family(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], family: str, report: Path) -> list[str]:
+    """The family's figures (training curves; per-code usage over the evaluation set), as Markdown image lines."""
+    from seed_plots import plot_bands, plot_code_counts
+
+    names = _family_rows(rows, family)
+    kind = {r: r.split("/")[-1][len(family) + 1:] for r in names}
+    lines = []
+    curves = {r: [training_series(rec) for rec in rows[r].values()] for r in names}
+    if plot_bands(curves, kind, CURVES, f"{FAMILIES[family]}\nmean over each {CURVE_BIN} steps; line = mean over "
+                  "seeds, band = min..max", report / f"training_seeds_{family}.png"):
+        lines.append(f"![training curves](training_seeds_{family}.png)")
+    counts = {r: [rec["code_counts"] for rec in rows[r].values() if rec.get("code_counts")] for r in names}
+    if plot_code_counts(counts, kind, f"{FAMILIES[family]}\nper-code usage over the evaluation images, one line "
+                        "per seed", report / f"codebook_seeds_{family}.png"):
+        lines.append(f"![codebook usage](codebook_seeds_{family}.png)")
+    return lines + [""] if lines else []
 
 
 def window_mean(points: Sequence[tuple[int, float]], step: int, window: int = 50) -> Optional[float]:
@@ -367,7 +354,7 @@ def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command:
         lines += [f"Command: `{command}`" + (f" ({wall_seconds / 60:.1f} min wall)" if wall_seconds else ""), ""]
     labels = [label for label, _ in outs]
     for family, title in FAMILIES.items():
-        fam_rows = sorted(r for r in rows if family_of(r.split("/")[-1]) == family)
+        fam_rows = _family_rows(rows, family)
         if not fam_rows:
             continue
         lines += [f"## {title}", "", "| row | seed | step | config | " + " | ".join(t for t, _, _ in METRICS.values())
@@ -408,8 +395,8 @@ def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command:
         if horizons:
             hl, summary["horizons"][family] = horizon_lines(rows, fam_rows, horizons)
             lines += hl
-        if plots and plot_bands(rows, family, report / f"training_seeds_{family}.png"):
-            lines += [f"![training curves]({f'training_seeds_{family}.png'})", ""]
+        if plots:
+            lines += plot_family(rows, family, report)
     missing = [f"{row} seed {seed}" for row in sorted(rows) for seed, r in sorted(rows[row].items())
                if not training_series(r)]
     if missing:

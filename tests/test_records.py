@@ -223,3 +223,21 @@ def test_records_from_before_and_after_the_layout_move_are_compared(tmp_path: Pa
     assert seed_summary.config_diff(old, new) == []
     new["config"]["model"]["target"] = "adapters.integrations.ldm.GumbelVQModel"
     assert seed_summary.config_diff(old, new) == ["model.target"]
+
+
+def test_figures_training_curves_and_codebook_rank_frequency(tmp_path: Path) -> None:
+    s = seed_summary.summarise([(None, _logged_runs_written(tmp_path))], tmp_path / "report", plots=True)
+    md = (tmp_path / "report" / "seeds.md").read_text()
+    for name in ("training_seeds_vqgan.png", "codebook_seeds_vqgan.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 10_000 and f"({name})" in md
+    import seed_plots
+
+    assert not seed_plots.plot_code_counts({"vqgan_ste": [[0] * 8]}, {"vqgan_ste": "ste"}, "t", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists() and s["rows"]
+
+
+def _logged_runs_written(tmp_path: Path) -> Path:
+    out = tmp_path / "runs"
+    for (seed, row), rec in _logged_runs(tmp_path).items():
+        _write(out, seed, row, rec, compact=True)
+    return out

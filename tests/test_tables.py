@@ -102,6 +102,21 @@ def test_log_dir_found_next_to_checkpoint(tmp_path) -> None:
     assert MT.pick_series(MT.read_scalars(run), "quant_error") == [(0, 0.5), (10, 0.25)]
 
 
+def test_a_deleted_run_folder_never_borrows_another_runs_logs(tmp_path) -> None:
+    """reproduce.sh's layout: OUT/seed_S/train/<row>/<run>/checkpoints/last.ckpt. With the STE row's run folder
+    gone and the rotation row's still there, the STE record has no logs (it used to get rotation's curves)."""
+    train = tmp_path / "seed_2" / "train"
+    rot = train / "vqgan_rot" / "2026-12-02_rot"
+    (rot / "checkpoints").mkdir(parents=True)
+    (rot / "csv").mkdir()
+    (rot / "csv" / "metrics.csv").write_text("epoch,step,train/quant_error_step\n0,9,0.5\n")
+    ste = {"checkpoint": {"path": str(train / "vqgan_ste" / "2026-12-02_ste" / "checkpoints" / "last.ckpt")}, "row": {}}
+    assert MT.find_log_dir(ste) is None
+    (train / "vqgan_ste").mkdir()  # the row folder kept, its run deleted: still not the rotation run's logs
+    assert MT.find_log_dir(ste) is None
+    assert MT.find_log_dir({"checkpoint": {"path": str(rot / "checkpoints" / "last.ckpt")}, "row": {}}) == rot
+
+
 def test_no_records_is_one_clear_error(tmp_path) -> None:
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(SystemExit, match="no evaluation records"):
