@@ -139,3 +139,21 @@ def test_norm_quantizer_rotates_raw_input_onto_unit_codeword() -> None:
     assert torch.equal(z_q, torch.nn.functional.normalize(m.embedding.weight[idx], dim=-1))
     z_q.backward(torch.randn_like(z_q))
     assert (z.grad * z).sum(-1).abs().max() < 1e-4  # the released gradient has no component along e
+
+
+@pytest.mark.parametrize("search", ["blocked", "auto"])
+def test_a_float64_model_searches_in_float64_like_taming(search: str) -> None:
+    """Codes far from the origin compared with their spacing (|c| = 1000, 1e-3 apart): in float32 the squared norms
+    (~1e6, ulp 0.06) swallow distances of 1e-6, in float64 they do not. A float64 model must pick the nearer code, as
+    taming's float64 search does; the module used to cast to float32 first."""
+    ref = VectorQuantizer2(2, 2, beta=0.25, legacy=False).double()
+    ours = RotationVectorQuantizer(2, 2, beta=0.25, legacy=False, gradient="rotation", search=search).double()
+    codes = torch.tensor([[1000.0, 0.0], [1000.0, 1e-3]], dtype=torch.float64)
+    with torch.no_grad():
+        for m in (ref, ours):
+            m.embedding.weight.copy_(codes)
+    z = torch.tensor([1000.0, 0.9e-3], dtype=torch.float64).view(1, 2, 1, 1)
+    z_q, _, (_, _, idx) = ours(z)
+    assert ref(z)[2][2].flatten().tolist() == [1]
+    assert idx.flatten().tolist() == [1]
+    assert z_q.dtype == torch.float64 and torch.equal(z_q.flatten(), codes[1])

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .functional import check_gradient, rotation_trick
 from .kmeans import check_codebook_init, kmeans_codebook
-from .search import check_search, find_nearest
+from .search import check_search, find_nearest, work_dtype
 from .stats import CodebookStats
 
 
@@ -113,7 +113,7 @@ class RotationVectorQuantizer(VectorQuantizer2):
             and torch.distributed.get_world_size() > 1
         if not distributed or torch.distributed.get_rank() == 0:
             start = time.perf_counter()
-            codebook = kmeans_codebook(z.float(), self.n_e, self.kmeans_iters, spherical=self.use_norm)
+            codebook = kmeans_codebook(z.to(work_dtype(z, weight)), self.n_e, self.kmeans_iters, spherical=self.use_norm)
             # One line in the run's log, so a reader can tell the init happened, on what, and what it cost.
             n = z.shape[0]
             how = (f"k-means++ and {self.kmeans_iters} Lloyd iterations" if n > self.n_e else
@@ -122,7 +122,7 @@ class RotationVectorQuantizer(VectorQuantizer2):
                   f"batch ({how}{', spherical' if self.use_norm else ''}), {time.perf_counter() - start:.2f} s",
                   flush=True)
         else:
-            codebook = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+            codebook = torch.empty(weight.shape, dtype=work_dtype(z, weight), device=weight.device)
         codebook = codebook.to(weight.device)
         if distributed:
             torch.distributed.broadcast(codebook, src=0)
@@ -139,8 +139,10 @@ class RotationVectorQuantizer(VectorQuantizer2):
         if self.codebook_init_pending and self.training:
             self.init_codebook_from(z.detach())
         with torch.autocast(device_type=z.device.type, enabled=False):
-            # The search runs in fp32 even under autocast: fp16 distances mis-rank close codes.
-            idx = find_nearest(self.norm(z.detach().float()), self.norm(self.embedding.weight.float()),
+            # The search runs in fp32 at least, even under autocast (fp16 distances mis-rank close codes); a float64
+            # model keeps float64, as taming's search does.
+            dt = work_dtype(z, self.embedding.weight)
+            idx = find_nearest(self.norm(z.detach().to(dt)), self.norm(self.embedding.weight.to(dt)),
                                self.search, chunk_rows=self.search_chunk_size, max_bytes=self.search_max_bytes)
         z_q = self.norm(self.embedding(idx))
         z_l = self.norm(z)
