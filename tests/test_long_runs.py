@@ -39,15 +39,21 @@ def _env(extra_path: Optional[Path] = None) -> dict[str, str]:
     return env
 
 
+def _foreground_sigint() -> None:
+    """In the child, before exec: SIGINT as in a terminal's foreground. A shell starts background jobs (nohup ... &)
+    with SIGINT ignored, which exec keeps; the Ctrl-C tests would then send a signal nobody receives."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_main(args: list[str], logdir: Path, timeout: int = 300,
              extra_path: Optional[Path] = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(MAIN), "-l", str(logdir), *args], cwd=ROOT, env=_env(extra_path),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=_foreground_sigint)
 
 
 def start_main(args: list[str], logdir: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(MAIN), "-l", str(logdir), *args], cwd=ROOT, env=_env(),
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, preexec_fn=_foreground_sigint)
 
 
 def load(path: Path) -> dict:

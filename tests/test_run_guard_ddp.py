@@ -113,6 +113,8 @@ def digest(path: Path) -> str:
 def restore_signal_handlers() -> Any:
     """A failing test must not leave RunGuard's (or an ignored) SIGINT/SIGTERM handler behind in pytest."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    # Ctrl-C as in a terminal's foreground: pytest started as a background job (nohup ... &) has SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
