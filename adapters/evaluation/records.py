@@ -19,10 +19,14 @@ def _is_number_list(value: Any) -> bool:
 
 def _dump(value: Any, level: int, indent: int) -> str:
     pad, inner = " " * (indent * level), " " * (indent * (level + 1))
-    if isinstance(value, dict) and value:
+    # deep dicts of scalars (a summary's per-seed metrics) on one line: they are leaves, read as one
+    if isinstance(value, dict) and value and not (level >= 3 and all(
+            v is None or isinstance(v, _SCALARS) for v in value.values())):
         items = [f"{inner}{json.dumps(str(k))}: {_dump(v, level + 1, indent)}" for k, v in value.items()]
         return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(value, list) and value and not _is_number_list(value):
+    # a list of number lists (a curve's [[steps], [values]]) is one line too
+    if isinstance(value, list) and value and not _is_number_list(value) \
+            and not all(_is_number_list(v) for v in value):
         return "[\n" + ",\n".join(inner + _dump(v, level + 1, indent) for v in value) + "\n" + pad + "]"
     return json.dumps(value)  # scalars, empty containers, and number lists on one line
 
