@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,45 @@ def test_fewer_vectors_than_codes_gives_distinct_jittered_copies() -> None:
     assert (x[:, None] - c[None]).abs().sum(-1).min(1).values.max() == 0
 
 
+@pytest.mark.parametrize("n, k", [(100, 1000), (4096, 512), (4096, 4096)])
+def test_duplicate_encoder_rows_never_become_duplicate_codewords(n: int, k: int) -> None:
+    # A flat image region gives many equal encoder rows: (n, k) = (100, 1000) has fewer vectors than codes, (4096,
+    # 512) more vectors than codes but only 300 distinct ones, (4096, 4096) exactly as many as codes (all fallbacks).
+    distinct = _encoder_like(min(n, 300), 3)
+    x = distinct[torch.arange(n) % distinct.shape[0]]
+    for spherical in (False, True):
+        c = kmeans_codebook(x, k, spherical=spherical, generator=torch.Generator().manual_seed(1))
+        assert c.shape == (k, 3) and torch.isfinite(c).all()
+        assert torch.unique(c, dim=0).shape[0] == k, "every code k-means returns must be distinct"
+    # a batch of one repeated vector still gives k distinct codes at its scale
+    c = kmeans_codebook(torch.full((64, 3), 0.5), 16)
+    assert torch.unique(c, dim=0).shape[0] == 16 and (c - 0.5).abs().max() < 0.1
+
+
+def test_kmeans_init_leaves_the_global_random_stream_to_the_run() -> None:
+    # The upstream-init twin of a seed and the k-means run must see the same crops, sampler seeds and dropout after
+    # the init: the init draws from a generator of its own, seeded from the run's seed.
+    e = _encoder_like(1024, 3, seed=5)
+    after = {}
+    for init in ("upstream", "kmeans"):
+        torch.manual_seed(7)
+        q = RotationVectorQuantizer(512, 3, legacy=False, codebook_init=init, search="blocked").train()
+        _forward(q, e)
+        after[init] = torch.rand(8)
+    assert torch.equal(after["upstream"], after["kmeans"])
+
+
+def test_kmeans_init_follows_the_run_seed() -> None:
+    e = _encoder_like(1024, 3, seed=5)
+    books = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        q = RotationVectorQuantizer(2048, 3, legacy=False, codebook_init="kmeans", search="blocked").train()
+        _forward(q, e)
+        books.append(q.embedding.weight.detach().clone())
+    assert torch.equal(books[0], books[1]) and not torch.equal(books[0], books[2])
+
+
 def test_non_finite_batch_is_a_clear_error_and_non_finite_rows_are_ignored() -> None:
     with pytest.raises(ValueError, match="no finite encoder output"):
         kmeans_codebook(torch.full((10, 3), float("nan")), 4)
@@ -221,6 +261,40 @@ def test_ddp_ranks_agree_on_the_codebook(tmp_path: Path) -> None:
     x1 = _encoder_like(1024, 3, seed=1)
     inertia = [torch.cdist(x, c0).min(1).values.pow(2).mean().item() for x in (x0, x1)]
     assert inertia[0] < inertia[1]
+
+
+def _ddp_failure_worker(rank: int, world: int, port: int, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # A short timeout: before the fix rank 1 waited in the codebook's broadcast until it expired.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        q = RotationVectorQuantizer(64, 3, legacy=False, codebook_init="kmeans", search="blocked").train()
+        e = _encoder_like(256, 3, seed=rank)
+        if rank == 0:
+            e = torch.full_like(e, float("nan"))  # rank 0's k-means fails: no finite encoder output
+        start = time.monotonic()
+        try:
+            _forward(q, e)
+            Path(f"{out}/rank{rank}.txt").write_text("no error")
+        except Exception as exc:  # noqa: BLE001 - the test reads what each rank raised
+            Path(f"{out}/rank{rank}.txt").write_text(f"{type(exc).__name__}: {exc} after {time.monotonic() - start:.1f}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_kmeans_failure_on_rank_0_stops_every_rank(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_failure_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
+    assert r0.startswith("ValueError") and "no finite encoder output" in r0
+    assert r1.startswith("RuntimeError") and "failed on rank 0" in r1
+    assert float(r1.rsplit(" ", 1)[1]) < 30, r1  # at once, not at the collective's timeout
 
 
 # --- config keys -------------------------------------------------------------------------------------------------
