@@ -18,7 +18,7 @@ from taming.modules.vqvae.quantize import VectorQuantizer2
 from torch import Tensor
 
 from .functional import check_gradient, rotation_trick
-from .kmeans import check_codebook_init, kmeans_codebook
+from .kmeans import check_codebook_init, kmeans_codebook, kmeans_seed
 from .search import check_search, find_nearest, work_dtype
 from .stats import CodebookStats
 
@@ -107,25 +107,46 @@ class RotationVectorQuantizer(VectorQuantizer2):
 
     @torch.no_grad()
     def init_codebook_from(self, z: Tensor) -> None:
-        """Set the codebook by k-means on encoder rows z (N, d): on rank 0, broadcast to every rank."""
+        """Set the codebook by k-means on encoder rows z (N, d): on rank 0, broadcast to every rank.
+
+        The draws come from a generator of its own, seeded from the run's seed (``torch.initial_seed()``, which
+        ``seed_everything`` sets), never from the global stream: after the init, crops, sampler seeds and dropout are
+        those of the upstream-init run of the same seed, so init-vs-init pairs stay paired.
+        """
         weight = self.embedding.weight
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1
+        dtype = work_dtype(z, weight)
+        codebook = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        failure: Optional[BaseException] = None
         if not distributed or torch.distributed.get_rank() == 0:
             start = time.perf_counter()
-            codebook = kmeans_codebook(z.to(work_dtype(z, weight)), self.n_e, self.kmeans_iters, spherical=self.use_norm)
-            # One line in the run's log, so a reader can tell the init happened, on what, and what it cost.
-            n = z.shape[0]
-            how = (f"k-means++ and {self.kmeans_iters} Lloyd iterations" if n > self.n_e else
-                   "one code per vector" + (f", {self.n_e - n} jittered copies" if n < self.n_e else ""))
-            print(f"codebook_init kmeans: {self.n_e} codes from {n} encoder outputs of the first training "
-                  f"batch ({how}{', spherical' if self.use_norm else ''}), {time.perf_counter() - start:.2f} s",
-                  flush=True)
-        else:
-            codebook = torch.empty(weight.shape, dtype=work_dtype(z, weight), device=weight.device)
-        codebook = codebook.to(weight.device)
+            generator = torch.Generator(device=z.device).manual_seed(kmeans_seed(torch.initial_seed()))
+            try:
+                codebook = kmeans_codebook(z.to(dtype), self.n_e, self.kmeans_iters, spherical=self.use_norm,
+                                           generator=generator).to(weight.device)
+            except Exception as exc:  # told to the other ranks below, then raised here
+                failure = exc
+            else:
+                # One line in the run's log, so a reader can tell the init happened, on what, and what it cost.
+                n = z.shape[0]
+                how = (f"k-means++ and {self.kmeans_iters} Lloyd iterations" if n > self.n_e else
+                       "one code per vector" + (f", {self.n_e - n} jittered copies" if n < self.n_e else ""))
+                print(f"codebook_init kmeans: {self.n_e} codes from {n} encoder outputs of the first training "
+                      f"batch ({how}{', spherical' if self.use_norm else ''}), {time.perf_counter() - start:.2f} s",
+                      flush=True)
         if distributed:
+            # Rank 0 says first whether it has a codebook: a failure there must stop every rank at once, not leave
+            # the others waiting in the codebook's broadcast (with NCCL, until the collective timeout).
+            ok = torch.tensor([0 if failure is not None else 1], dtype=torch.long, device=weight.device)
+            torch.distributed.broadcast(ok, src=0)
+            if int(ok.item()) == 0:
+                if failure is not None:
+                    raise failure
+                raise RuntimeError("codebook_init kmeans failed on rank 0 (its log says why); this rank stops too")
             torch.distributed.broadcast(codebook, src=0)
+        elif failure is not None:
+            raise failure
         weight.copy_(codebook.to(weight.dtype))
         self.codebook_init_pending = False
 
