@@ -18,6 +18,7 @@ classes, ours or upstream's) and the checkpoint's ``state_dict``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--setting", default=None,
                    help="paper latent shape to compare with, e.g. 64x64x3 (default: the model's own latent shape)")
     p.add_argument("--label", default=None, help="free-text name of the run in tables and plots")
+    p.add_argument("--made-by", default=None, type=json.loads,
+                   help="JSON of the settings that made the run (scripts/reproduce.sh: row.made_by in the record)")
     p.add_argument("--pythonpath", action="append", default=[], help="extra import path (e.g. another upstream tree)")
     return p
 
@@ -113,8 +116,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return E.build_dataset(loaded, source, root=root, split=args.split, size=args.size, limit=args.limit)
 
     row = None
-    if any(v is not None for v in (args.table, args.approach, args.setting, args.label)):
-        row = {"table": args.table, "approach": args.approach, "setting": args.setting, "label": args.label}
+    if any(v is not None for v in (args.table, args.approach, args.setting, args.label, args.made_by)):
+        row = {"table": args.table, "approach": args.approach, "setting": args.setting, "label": args.label,
+               "made_by": args.made_by}
     record = E.run_evaluation(args.config, args.checkpoint, dataset, opts, args.out, row=row)
     if rank == 0:
         m = record["metrics"]

@@ -451,11 +451,17 @@ OUTPUT_FILES = tuple(f"{stem}{table}.{ext}" for table in (3, 4) for stem, ext in
 
 
 def record_digests(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """sha256 of each record file, sorted: what identifies the records a report was made from."""
+    """sha256 of each record (its content less ``training_curves``), sorted: what identifies the records a report
+    was made from."""
     # Of the parsed content, not the bytes: a record rewritten in the compact form (adapters.evaluation.records) is
-    # the same record.
-    return sorted(hashlib.sha256(json.dumps(json.loads(Path(r["_path"]).read_text()), sort_keys=True).encode())
-                  .hexdigest() for r in records)
+    # the same record; and without its training curves, which seed_summary --embed-curves adds after the per-seed
+    # reports were made from it (a rerun of a finished study must find the same records, issue 23 item 4).
+    def content(r: Mapping[str, Any]) -> str:
+        data = json.loads(Path(r["_path"]).read_text())
+        data.pop("training_curves", None)
+        return json.dumps(data, sort_keys=True)
+
+    return sorted(hashlib.sha256(content(r).encode()).hexdigest() for r in records)
 
 
 def prepare_out(out: Path, digests: list[str], overwrite: bool) -> None:

@@ -16,14 +16,16 @@
 #                          full: the paper's ImageNet runs (Table 3: 4 epochs at batch 16; Table 4: 10 epochs at
 #                          batch 32), then evaluation on the 50,000 validation images. See docs/evaluation.md for the
 #                          GPU-hour estimates.
-#   --out DIR              training runs, checkpoints and result JSONs (default: outputs/reproduce_<scale>)
+#   --out DIR              training runs, checkpoints and result JSONs (default: outputs/reproduce_<scale>, plus
+#                          _kmeans with --init kmeans and _<remedy> with --remedy: one folder per setting)
 #   --report DIR           tables and plots (default: DIR/report)
 #   --gpus IDS             GPUs for training and evaluation, e.g. 0, or 0,1,2,3 (full; default 0,)
 #   --imagenet ROOT        ImageNet root with train/<wnid>/ and val/<wnid>/ (full; default $IMAGENET_ROOT)
 #   --inception-weights P  local torch-fidelity Inception-v3 weights (r-FID/r-IS). tiny: without it r-FID/r-IS are
 #                          skipped (the weights cannot be downloaded offline); full: downloaded when absent
 #   --lpips-backbone P     local torchvision AlexNet weights for the LPIPS metric (tiny: LPIPS skipped without it)
-#   --checkpoints DIR      skip training: take DIR/<row>.ckpt (row names below) and evaluate/render those
+#   --checkpoints DIR      skip training: take DIR/<row>.ckpt (row names below) and evaluate/render those (not with
+#                          --seeds or --fresh)
 #   --rows LIST            comma-separated subset of rows (default: all of the scale)
 #   --vqgan-steps N        tiny: training steps per VQGAN row (default 800)
 #   --steps N              small: training steps of every row, both codebases (default 300; ViT-VQGAN: rounded
@@ -41,9 +43,18 @@
 #                          labels get " (seed N)" so replicates stay apart in the tables
 #   --init upstream|kmeans small: the codebook initialisation of every row (default upstream: each codebase's own
 #                          draw; kmeans: k-means on the first training batch's encoder outputs, issue 17)
+#   --remedy NAME          small, with --init kmeans: every row with one collapse remedy (issue 24): plain (default),
+#                          ema (EMA codebook, decay 0.99), ema_dead (ema + dead-code restarts under an EMA count of
+#                          0.03, a quarter of the uniform rate 1,024/8,192 per batch), simvq (SimVQ's linear map of a
+#                          frozen codebook), residual (ViT-VQGAN rows only: 2 residual stages, shared codebook; rows
+#                          vit_ste, vit_rot = rotation over the sum, vit_rot_stage = rotation per stage). Rows:
+#                          vqgan_ste vqgan_rot vit_ste vit_rot (residual: vit_ste vit_rot vit_rot_stage)
 #   --fresh                start every row over: an earlier run of the row (its train folder and record) is moved to
 #                          DIR/previous/<time>/ first, never deleted. Without it a rerun skips rows whose record is at
-#                          the requested step and resumes unfinished rows from their own newest checkpoint
+#                          the requested step and resumes unfinished rows from their own newest checkpoint (never a
+#                          crash.ckpt), but only when that record or run was made with the same settings (init,
+#                          remedy, seed, config and overrides: row.made_by in the record, made_by.json in the run);
+#                          else it stops with one line naming --fresh
 #   --overwrite            let make_tables replace a report made from other records (never done unasked)
 #   --dry-run              print the commands, run nothing
 # Rows: tiny: vqgan_ste vqgan_rot vqgan_gumbel vit_ste vit_rot
@@ -73,6 +84,7 @@ SEEDS=""
 JOBS=1
 STEPS=300
 INIT=upstream
+REMEDY=plain
 FRESH=0
 OVERWRITE=0
 DRY=0
@@ -100,6 +112,7 @@ while [[ $# -gt 0 ]]; do
     --eval-images) need_value "$@"; EVAL_IMAGES="$2"; PASS+=("$1" "$2"); shift 2 ;;
     --seed) need_value "$@"; SEED="$2"; shift 2 ;;
     --init) need_value "$@"; INIT="$2"; PASS+=("$1" "$2"); shift 2 ;;
+    --remedy) need_value "$@"; REMEDY="$2"; PASS+=("$1" "$2"); shift 2 ;;
     --fresh) FRESH=1; PASS+=("$1"); shift ;;
     --overwrite) OVERWRITE=1; PASS+=("$1"); shift ;;
     --dry-run) DRY=1; PASS+=("$1"); shift ;;
@@ -111,7 +124,14 @@ done
 [[ "$INIT" == upstream || "$INIT" == kmeans ]] || die "--init takes upstream or kmeans, got '$INIT'"
 [[ "$INIT" == upstream || "$SCALE" == small ]] || die "--init kmeans is wired for --scale small only; for other scales set codebook_init in the config (model.params.quantizer_config.codebook_init / model.params.quantizer.codebook_init)"
 [[ "$STEPS" =~ ^[1-9][0-9]*$ ]] || die "--steps needs a positive integer, got '$STEPS'"
-OUT="${OUT:-$ROOT/outputs/reproduce_$SCALE}"
+case "$REMEDY" in plain|ema|ema_dead|simvq|residual) ;; *) die "--remedy takes plain, ema, ema_dead, simvq or residual, got '$REMEDY'" ;; esac
+[[ "$REMEDY" == plain || ( "$SCALE" == small && "$INIT" == kmeans ) ]] || die "--remedy $REMEDY is wired for --scale small --init kmeans only (issue 24's study); elsewhere set the quantizer options in the config (README, 'Collapse remedies')"
+if [[ -n "$CKPTS" && "$FRESH" == 1 ]]; then die "--fresh and --checkpoints exclude each other"; fi
+[[ -z "$CKPTS" || -z "$SEEDS" ]] || die "--checkpoints and --seeds exclude each other: --seeds trains every seed; evaluate given checkpoints with one run per seed (--checkpoints DIR --seed S)"
+OUT_DEFAULT="$ROOT/outputs/reproduce_$SCALE"
+[[ "$INIT" == kmeans ]] && OUT_DEFAULT+="_kmeans"
+[[ "$REMEDY" != plain ]] && OUT_DEFAULT+="_$REMEDY"
+OUT="${OUT:-$OUT_DEFAULT}"
 REPORT="${REPORT:-$OUT/report}"
 cd "$ROOT"
 
@@ -181,6 +201,30 @@ elif [[ "$SCALE" == small ]]; then
     unset 'SPEC[vit_rot_paper]'
     ALL_ROWS="vqgan_ste vqgan_rot vqgan_rot_paper vit_ste vit_rot"
   fi
+  if [[ "$REMEDY" != plain ]]; then
+    # Issue 24: the same rows with one remedy; both arms of a pair get the same settings, only the estimator differs.
+    # VQGAN rows take quantizer overrides; ViT-VQGAN rows name a config per remedy (configs/small_kmeans_<remedy>_*).
+    case "$REMEDY" in
+      ema) q="model.params.quantizer_config.codebook_update=ema"; what="EMA codebook" ;;
+      ema_dead) q="model.params.quantizer_config.codebook_update=ema model.params.quantizer_config.dead_code_threshold=0.03"; what="EMA + dead-code restarts" ;;
+      simvq) q="model.params.quantizer_config.codebook_param=simvq"; what="SimVQ" ;;
+      residual) q=""; what="2 residual stages" ;;
+    esac
+    for r in vqgan_ste vqgan_rot; do
+      SPEC[$r]="${SPEC[$r]%|*}|${SPEC[$r]##*|} $q"
+      SPEC[$r]="${SPEC[$r]/k-means init)|/k-means init, $what)|}"
+    done
+    SPEC[vit_ste]="enh|small_kmeans_${REMEDY}_vitvqgan||small ViT-VQGAN 8192x32 (STE, k-means init, $what)|"
+    SPEC[vit_rot]="enh|small_kmeans_${REMEDY}_rot_vitvqgan||small ViT-VQGAN 8192x32 w/ rotation trick (released, k-means init, $what)|"
+    unset 'SPEC[vqgan_rot_paper]'
+    ALL_ROWS="vqgan_ste vqgan_rot vit_ste vit_rot"
+    if [[ "$REMEDY" == residual ]]; then
+      SPEC[vit_rot]="${SPEC[vit_rot]/)|/, rotation over the sum)|}"
+      SPEC[vit_rot_stage]="enh|small_kmeans_residual_rot_stage_vitvqgan||small ViT-VQGAN 8192x32 w/ rotation trick (released, k-means init, $what, rotation per stage)|"
+      unset 'SPEC[vqgan_ste]' 'SPEC[vqgan_rot]'
+      ALL_ROWS="vit_ste vit_rot vit_rot_stage"
+    fi
+  fi
   EVAL_IMAGES="${EVAL_IMAGES:-128}"
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 else
@@ -200,8 +244,7 @@ else
 fi
 ROWS="${ROWS:-$ALL_ROWS}"
 ROWS="${ROWS//,/ }"
-for row in $ROWS; do [[ -n "${SPEC[$row]+x}" ]] || die "unknown row '$row' for --scale $SCALE (rows: $ALL_ROWS)"; done
-if [[ -n "$CKPTS" && "$FRESH" == 1 ]]; then die "--fresh and --checkpoints exclude each other"; fi
+for row in $ROWS; do [[ -n "${SPEC[$row]+x}" ]] || die "unknown row '$row' for --scale $SCALE${REMEDY/#plain/} (rows: $ALL_ROWS)"; done
 NGPU=$(awk -F, '{n=0; for (i=1;i<=NF;i++) if ($i != "") n++; print n}' <<< "$GPUS")
 
 run() {  # print, then run unless --dry-run
@@ -217,6 +260,15 @@ for row in $ROWS; do
   echo "=== $row: $label ($(( $(date +%s) - START ))s elapsed)"
   run_dir="$OUT/train/$row"
   record="$OUT/results/$row.json"
+  # What makes this row (issue 23, item 3): kept in its record and its run folder; a rerun reuses only its own.
+  lr="$VQGAN_LR"; [[ "$trainer" == enh ]] && lr=1e-4
+  made_by=$("$PYTHON" scripts/lib/row_settings.py made-by --trainer "$trainer" --config "$config" \
+            --overrides "$overrides" --seed "$SEED" --lr "$lr" --init "$INIT" --remedy "$REMEDY")
+  same_settings() {  # $1: a record or made_by.json; dies with one line when it was made otherwise
+    local why
+    why=$("$PYTHON" scripts/lib/row_settings.py check --expect "$made_by" "$1") && return 0
+    die "row $row: $1 was made with other settings ($why); pass --fresh to move it aside and start over, or use another --out"
+  }
   # The step a finished row's checkpoint holds (ViT-VQGAN: whole epochs of 32 steps covering --steps).
   target=$STEPS; [[ "$trainer" == enh && "$SCALE" == small ]] && target=$(( (STEPS + 31) / 32 * 32 ))
   if [[ -z "$CKPTS" && $DRY == 0 ]]; then
@@ -226,6 +278,7 @@ for row in $ROWS; do
       for f in "$run_dir" "$record" "${record%.json}.png"; do [[ -e "$f" ]] && mv "$f" "$aside/"; done
       echo "reproduce.sh: --fresh: the earlier run of $row was moved to $aside"
     elif [[ -f "$record" && "$SCALE" != full ]]; then
+      same_settings "$record"
       done_step=$("$PYTHON" scripts/lib/checkpoints.py record-step "$record")
       if [[ "$done_step" == "$target" ]]; then
         echo "reproduce.sh: $row is finished (its record is at step $done_step); skipped (--fresh reruns it)"
@@ -246,6 +299,7 @@ for row in $ROWS; do
     if (( ${#prior[@]} > 1 )); then
       die "row $row: $run_dir holds ${#prior[@]} runs; evaluating one of them would mix runs. Keep one, or pass --fresh"
     elif (( ${#prior[@]} == 1 )) && [[ -f "${prior[0]%/}/checkpoints/last.ckpt" ]]; then
+      [[ $DRY == 1 ]] || same_settings "$run_dir/made_by.json"
       echo "reproduce.sh: $row resumes ${prior[0]%/} from its last.ckpt (step $("$PYTHON" scripts/lib/checkpoints.py step "${prior[0]%/}/checkpoints/last.ckpt"))"
       train_args=(-r "${prior[0]%/}" -t)
     else
@@ -254,6 +308,7 @@ for row in $ROWS; do
         echo "reproduce.sh: $row's earlier run had no checkpoint; moved to $aside, starting over"
       fi
       train_args=(--base "$config" -t --logdir "$run_dir")
+      [[ $DRY == 1 ]] || { mkdir -p "$run_dir"; echo "$made_by" > "$run_dir/made_by.json"; }
     fi
     [[ -n "$SEED" ]] && train_args+=(--seed "$SEED")
     if [[ "$SCALE" == tiny ]]; then
@@ -289,10 +344,12 @@ for row in $ROWS; do
     # step (file names sort as text: epoch=99 after epoch=121), never from an earlier run's leftover by name.
     ckdir="$run_dir/$config/$row/ckpt"
     if [[ $DRY == 0 ]] && compgen -G "$ckdir/*.ckpt" > /dev/null; then
+      same_settings "$run_dir/made_by.json"
       resume_from=$("$PYTHON" scripts/lib/checkpoints.py newest "$ckdir")
       echo "reproduce.sh: $row resumes from $resume_from (step $("$PYTHON" scripts/lib/checkpoints.py step "$resume_from"))"
       enh_args+=(-r "$resume_from")
     fi
+    [[ $DRY == 1 || -f "$run_dir/made_by.json" ]] || { mkdir -p "$run_dir"; echo "$made_by" > "$run_dir/made_by.json"; }
     run env ENHANCING_RUN_ID="$row" "$PYTHON" third_party/enhancing-transformers/main.py "${enh_args[@]}"
     ckpt=""
     [[ $DRY == 0 ]] && ckpt=$("$PYTHON" scripts/lib/checkpoints.py newest "$ckdir" || true)
@@ -307,6 +364,7 @@ for row in $ROWS; do
   fi
 
   eval_args=(--config "$eval_config" --checkpoint "$ckpt" --out "$OUT/results/$row.json" --label "$label")
+  [[ -z "$CKPTS" ]] && eval_args+=(--made-by "$made_by")
   [[ -n "$setting" ]] && eval_args+=(--setting "$setting")
   if [[ "$SCALE" != full ]]; then
     # small: per-batch usage at the training batch (16), as the paper measures it at its training batch.

@@ -52,7 +52,7 @@ def test_rerun_skips_finished_rows_and_resumes_unfinished_ones(tmp_path: Path) -
     assert ldm.split()[1] == "-r" and "--base" not in ldm  # the same run folder, its saved config
     assert " -r " in enh and "epoch=1.ckpt" in enh  # from the step-64 checkpoint
     assert _record_step(tmp_path, "vqgan_ste") == 128 and _record_step(tmp_path, "vit_ste") == 128
-    assert len(list((tmp_path / "o" / "train" / "vqgan_ste").iterdir())) == 1
+    assert len([d for d in (tmp_path / "o" / "train" / "vqgan_ste").iterdir() if d.is_dir()]) == 1
 
 
 def test_leftover_of_a_longer_run_is_never_evaluated_and_fresh_keeps_it_aside(tmp_path: Path) -> None:
@@ -60,6 +60,10 @@ def test_leftover_of_a_longer_run_is_never_evaluated_and_fresh_keeps_it_aside(tm
     ckdir.mkdir(parents=True)
     for epoch in (11, 99, 120):  # text order puts epoch=99 last; the stored step says epoch=120
         torch.save({"global_step": 32 * (epoch + 1)}, ckdir / f"epoch={epoch}.ckpt")
+    made = subprocess.run([sys.executable, str(ROOT / "scripts" / "lib" / "row_settings.py"), "made-by", "--trainer",
+                           "enh", "--config", "small_vitvqgan", "--lr", "1e-4"], capture_output=True, text=True,
+                          check=True, cwd=ROOT).stdout
+    (tmp_path / "o" / "train" / "vit_ste" / "made_by.json").write_text(made)  # the same settings as asked below
     res, _ = _run(tmp_path, "--rows", "vit_ste", "--steps", "64")
     assert res.returncode != 0
     assert "epoch=120.ckpt) is at step 3872, not 64" in res.stderr and "--fresh" in res.stderr
@@ -88,3 +92,120 @@ def test_newest_checkpoint_is_chosen_by_stored_step(tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert Path(res.stdout.strip()).name == "epoch=121.ckpt" and "skipped" in res.stderr and "broken.ckpt" in res.stderr
+
+
+# --- issue 23: what made a row (item 3), crash checkpoints (item 5), --checkpoints under --seeds (item 7) ----------
+def test_a_record_made_with_another_init_is_never_skipped_as_finished(tmp_path: Path) -> None:
+    res, _ = _run(tmp_path, "--rows", "vqgan_ste", "--steps", "64")
+    assert res.returncode == 0, res.stderr
+    made = json.loads((tmp_path / "o" / "results" / "vqgan_ste.json").read_text())["row"]["made_by"]
+    assert made["init"] == "upstream" and len(made["fingerprint"]) == 12
+    res, calls = _run(tmp_path, "--rows", "vqgan_ste", "--steps", "64", "--init", "kmeans")
+    assert res.returncode == 2 and _trainer_calls(calls) == []
+    assert "init 'upstream' (asked: 'kmeans')" in res.stderr and "--fresh" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    # the leftover run folder (record gone) is not resumed under the other init either
+    (tmp_path / "o" / "results" / "vqgan_ste.json").unlink()
+    res, calls = _run(tmp_path, "--rows", "vqgan_ste", "--steps", "128", "--init", "kmeans")
+    assert res.returncode == 2 and _trainer_calls(calls) == [] and "made_by.json" in res.stderr
+    # the same settings resume; --fresh starts over with the new ones
+    res, calls = _run(tmp_path, "--rows", "vqgan_ste", "--steps", "128")
+    assert res.returncode == 0 and _trainer_calls(calls)[0].split()[1] == "-r"
+    res, calls = _run(tmp_path, "--rows", "vqgan_ste", "--steps", "64", "--init", "kmeans", "--fresh")
+    assert res.returncode == 0, res.stderr
+    assert "codebook_init=kmeans" in _trainer_calls(calls)[0]
+
+
+def test_a_vit_row_resumes_only_its_own_settings(tmp_path: Path) -> None:
+    res, _ = _run(tmp_path, "--rows", "vit_ste", "--steps", "64", "--seed", "1")
+    assert res.returncode == 0, res.stderr
+    (tmp_path / "o" / "results" / "vit_ste.json").unlink()
+    res, calls = _run(tmp_path, "--rows", "vit_ste", "--steps", "128", "--seed", "2")
+    assert res.returncode == 2 and "seed 1 (asked: 2)" in res.stderr and _trainer_calls(calls) == []
+
+
+def test_legacy_records_are_judged_by_their_saved_init(tmp_path: Path) -> None:
+    results = tmp_path / "o" / "results"
+    results.mkdir(parents=True)
+    rec = {"schema": "rotation-trick-eval/1", "checkpoint": {"global_step": 64},
+           "config": {"model": {"params": {"quantizer_config": {"codebook_init": "kmeans"}}}}}
+    (results / "vqgan_ste.json").write_text(json.dumps(rec))
+    res, calls = _run(tmp_path, "--rows", "vqgan_ste", "--steps", "64", "--init", "kmeans")
+    assert res.returncode == 0 and "is finished" in res.stdout and _trainer_calls(calls) == []
+    res, _ = _run(tmp_path, "--rows", "vqgan_ste", "--steps", "64")
+    assert res.returncode == 2 and "init 'kmeans' (asked: 'upstream')" in res.stderr
+
+
+def test_default_out_folders_differ_per_init_and_remedy() -> None:
+    outs = []
+    for extra in ([], ["--init", "kmeans"], ["--init", "kmeans", "--remedy", "ema"]):
+        res = subprocess.run(["bash", str(SCRIPT), "--scale", "small", "--rows", "vqgan_ste", "--dry-run", *extra],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        outs.append(next(w for w in res.stdout.split() if "/results/vqgan_ste.json" in w))
+    assert outs[0].endswith("outputs/reproduce_small/results/vqgan_ste.json")
+    assert "reproduce_small_kmeans/" in outs[1] and "reproduce_small_kmeans_ema/" in outs[2]
+
+
+def test_remedy_rows_set_the_remedy_in_both_arms(tmp_path: Path) -> None:
+    res, calls = _run(tmp_path, "--rows", "vqgan_ste,vqgan_rot", "--steps", "64", "--init", "kmeans",
+                      "--remedy", "ema_dead")
+    assert res.returncode == 0, res.stderr
+    ste, rot = _trainer_calls(calls)
+    for call in (ste, rot):
+        assert "codebook_update=ema" in call and "dead_code_threshold=0.03" in call
+    assert "small_rot_vqgan" in rot and "small_vqgan" in ste
+    res, _ = _run(tmp_path, "--rows", "vqgan_ste", "--remedy", "ema")
+    assert res.returncode == 2 and "--init kmeans" in res.stderr
+    res, _ = _run(tmp_path, "--rows", "vqgan_ste", "--init", "kmeans", "--remedy", "residual")
+    assert res.returncode == 2 and "unknown row 'vqgan_ste'" in res.stderr
+
+
+def test_crash_checkpoints_are_never_resumed_unless_asked(tmp_path: Path) -> None:
+    torch.save({"global_step": 300}, tmp_path / "epoch=9.ckpt")
+    torch.save({"global_step": 320, "weights": torch.zeros(8)}, tmp_path / "crash.ckpt")
+    lib = [sys.executable, str(ROOT / "scripts" / "lib" / "checkpoints.py"), "newest", str(tmp_path)]
+    res = subprocess.run(lib, capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0 and Path(res.stdout.strip()).name == "epoch=9.ckpt", res.stderr
+    res = subprocess.run(lib + ["--include-crash"], capture_output=True, text=True, cwd=ROOT)
+    assert Path(res.stdout.strip()).name == "crash.ckpt"
+
+
+def test_stored_step_maps_the_file_instead_of_reading_its_tensors(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    sys.path.insert(0, str(ROOT / "scripts" / "lib"))
+    try:
+        import checkpoints
+    finally:
+        sys.path.pop(0)
+    torch.save({"global_step": 7, "state_dict": {"w": torch.zeros(1000)}}, tmp_path / "a.ckpt")
+    seen = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k) or real(*a, **k))
+    assert checkpoints.stored_step(tmp_path / "a.ckpt") == 7
+    assert seen and seen[0].get("mmap") is True and seen[0].get("weights_only") is True
+
+
+def test_checkpoints_with_seeds_is_refused(tmp_path: Path) -> None:
+    res, calls = _run(tmp_path, "--seeds", "0,1", "--checkpoints", str(tmp_path))
+    assert res.returncode == 2 and "--checkpoints and --seeds exclude each other" in res.stderr and calls == []
+
+
+def test_embedding_curves_leaves_the_records_digest_unchanged(tmp_path: Path) -> None:
+    # issue 23 item 4: seed_summary --embed-curves rewrites records after the per-seed reports digested them; a rerun
+    # of the finished study must find "the same records".
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from make_tables import record_digests
+    finally:
+        sys.path.pop(0)
+    src = ROOT / "docs" / "report" / "effect" / "kmeans" / "seed_1" / "results" / "vqgan_rot.json"
+    rec = json.loads(src.read_text())
+    assert rec.get("training_curves")
+    with_curves, without = tmp_path / "a.json", tmp_path / "b.json"
+    with_curves.write_text(json.dumps(rec))
+    without.write_text(json.dumps({k: v for k, v in rec.items() if k != "training_curves"}))
+    assert record_digests([{"_path": str(with_curves)}]) == record_digests([{"_path": str(without)}])
+    rec["metrics"]["psnr"] += 1e-9  # but any other change is another record
+    without.write_text(json.dumps(rec))
+    assert record_digests([{"_path": str(with_curves)}]) != record_digests([{"_path": str(without)}])
