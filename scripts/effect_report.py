@@ -6,7 +6,8 @@
 
 The report keeps its prose by hand and its numbers here: each table sits between ``<!-- NAME -->`` and
 ``<!-- /NAME -->`` (MAIN: metrics at the last step, mean +- std over seeds; HORIZON: training curves at each horizon;
-VERDICTS: paired differences per seed and the verdict of seed_summary's rule). ``--check`` is what the tests run, so
+VERDICTS: per pair the verdict of seed_summary's rule, the mean paired difference [95% t interval], the sign count
+and the differences per seed). ``--check`` is what the tests run, so
 a summary that changed without its report (or the reverse) is caught.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from seed_summary import FAMILIES, METRICS, family_of, fmt  # noqa: E402
+from seed_summary import FAMILIES, METRICS, family_of, fmt, interval_text  # noqa: E402
 
 CODEBOOKS = {"vqgan": "8192 x 3", "vqgan_regime": "128 x 3 (regime)", "vit": "ViT 8192 x 32"}
 INITS = {"upstream": "upstream"}  # every other label of the effect study used the k-means init
@@ -110,7 +111,8 @@ def verdict_table(summary: Mapping[str, Any]) -> list[str]:
         cells = []
         for m in VERDICTS:
             v = c["metrics"].get(m)
-            cells.append("-" if v is None else f"{v['verdict']} ({', '.join(_diff(d, m) for d in v['diffs'])})")
+            cells.append("-" if v is None else f"**{v['verdict']}** {interval_text(v, '', lambda d: _diff(d, m))}, "
+                         f"{v['signs']} seeds better ({', '.join(_diff(d, m) for d in v['diffs'])})")
         lines.append(head + " | ".join(cells) + " |")
     return lines
 

@@ -5,9 +5,9 @@
   python scripts/seed_summary.py LABEL=OUT LABEL=OUT ... --out REPORT --horizons 200,1000,2000
 
 OUT holds ``seed_<S>/results/<row>.json`` (scripts/evaluate.py records). Rows are compared with the STE row of the
-same codebase (``vqgan_ste``, ``vit_ste``). A verdict says "rotation better" / "rotation worse" only when every seed
-agrees in sign (paired by seed); otherwise "no clear difference" (with a paired t statistic for reference). With
-three seeds, all-agree is a sign test at p = 0.25 one-sided: weak evidence, stated as such in the report.
+same codebase (``vqgan_ste``, ``vit_ste``). The verdict rule is :func:`verdict`, the one function every table uses:
+paired by seed, the mean difference with its 95% Student-t interval over seeds (n - 1 degrees of freedom); "better"
+/ "worse" only when the interval excludes 0, over at least 3 seeds; the sign count is kept beside it.
 
 Writes REPORT/seeds.md, REPORT/seeds.json and REPORT/training_seeds_{vqgan,vit}.png (training usage and
 quantization error against step, 50-step means: mean over seeds, band = min..max over seeds). The curves come from
@@ -51,8 +51,19 @@ PAIRS: tuple[tuple[str, str, str], ...] = (("rot", "ste", "rotation (released) -
                                            ("rot_paper", "ste", "rotation (paper's formula) - STE"),
                                            ("rot", "rot_paper", "released - paper's formula"))
 SCHEMA_PREFIX = "rotation-trick-eval/"
-# A verdict needs every seed to agree in sign, over at least this many seeds (3: a sign test at p = 0.25 one-sided).
+# A verdict needs at least this many seeds (its interval has n - 1 degrees of freedom).
 MIN_SEEDS = 3
+# Two-sided 95% quantiles of Student's t, t_{0.975, dof}, dof = 1..30 (tested against scipy.stats.t.ppf); beyond 30
+# the dof-30 value, which is conservative (larger than every later quantile).
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
+        2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+        2.0518, 2.0484, 2.0452, 2.0423)
+RULE = ("'better'/'worse' (for the first row of the pair) only when the 95% Student-t interval of the mean paired "
+        "difference over seeds (n - 1 degrees of freedom) excludes 0, over at least 3 seeds ('too few seeds' below "
+        "that); else 'no clear difference'. The sign count (seeds in which the first row is better) is the second "
+        "column: all n seeds agreeing is a two-sided sign test at p = 2 x 0.5^n (0.25 for 3 seeds, 0.0625 for 5, "
+        "0.002 for 10). Several metrics and pairs are tested at once, with no multiplicity correction: at 5% each, "
+        "about one verdict in twenty among true null effects is expected to be spurious.")
 # The training curves kept per row: logged every few steps, stored and drawn as means over bins of CURVE_BIN steps.
 CURVES = ("codebook_usage", "quant_error")
 CURVE_BIN = 50
@@ -125,22 +136,37 @@ def mean_std(vals: Sequence[float]) -> tuple[float, float]:
     return mu, sd
 
 
-def verdict(diffs: Sequence[float], higher_better: bool) -> tuple[str, str]:
-    """(verdict, basis) for paired differences row - baseline over seeds: ``better`` / ``worse`` (for the row) only
-    when every seed agrees in sign, else ``no clear difference``; the basis gives the count and a paired t."""
-    if len(diffs) < MIN_SEEDS:
-        signs = "".join("+" if d > 0 else "-" if d < 0 else "0" for d in diffs)
-        return "too few seeds", f"{len(diffs)} of the {MIN_SEEDS} a verdict needs (signs {signs})"
-    better = [(d > 0) if higher_better else (d < 0) for d in diffs]
-    worse = [(d < 0) if higher_better else (d > 0) for d in diffs]
+def t_interval(diffs: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of ``diffs`` and its two-sided 95% Student-t interval (n - 1 dof; n >= 2)."""
+    n = len(diffs)
     mu, sd = mean_std(diffs)
-    t = mu / (sd / math.sqrt(len(diffs))) if sd and sd > 0 else float("inf") if mu else 0.0
-    basis_t = f"paired t = {t:.2f}, {len(diffs) - 1} dof"
-    if all(better):
-        return "better", f"all {len(diffs)} seeds agree ({basis_t})"
-    if all(worse):
-        return "worse", f"all {len(diffs)} seeds agree ({basis_t})"
-    return "no clear difference", f"seeds disagree: {sum(better)} better, {sum(worse)} worse ({basis_t})"
+    half = T975[min(n - 1, len(T975)) - 1] * sd / math.sqrt(n)
+    return mu, mu - half, mu + half
+
+
+def verdict(diffs: Sequence[float], higher_better: bool) -> dict[str, Any]:
+    """The verdict rule (``RULE``) for paired differences row - baseline over seeds, in one place for every table.
+
+    Returns ``verdict`` (better / worse / no clear difference / too few seeds, for the row), ``mean``, ``ci``
+    ([low, high], the 95% t interval; None below 2 seeds), ``signs`` ("k/n": seeds where the row is better) and
+    ``basis`` (one line saying why)."""
+    n = len(diffs)
+    better = sum((d > 0) if higher_better else (d < 0) for d in diffs)
+    out: dict[str, Any] = {"mean": sum(diffs) / n if n else None, "ci": None, "signs": f"{better}/{n}"}
+    if n >= 2:
+        mu, lo, hi = t_interval(diffs)
+        out["ci"] = [lo, hi]
+    if n < MIN_SEEDS:
+        out.update(verdict="too few seeds", basis=f"{n} of the {MIN_SEEDS} seeds a verdict needs")
+        return out
+    lo, hi = out["ci"]
+    if lo > 0 or hi < 0:
+        side = "above" if lo > 0 else "below"
+        v = "better" if (lo > 0) == higher_better else "worse"
+        out.update(verdict=v, basis=f"95% t interval {side} 0 ({n} seeds, {n - 1} dof)")
+    else:
+        out.update(verdict="no clear difference", basis=f"95% t interval includes 0 ({n} seeds, {n - 1} dof)")
+    return out
 
 
 def collect(out: Path, label: Optional[str] = None) -> dict[str, dict[int, dict[str, Any]]]:
@@ -193,9 +219,16 @@ def compare(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], row: str, base:
         if any(v is None for v in a + b):
             continue
         diffs = [x - y for x, y in zip(a, b)]
-        v, basis = verdict(diffs, hb)
-        result["metrics"][k] = {"diffs": diffs, "verdict": v, "basis": basis}
+        result["metrics"][k] = {"diffs": diffs, **verdict(diffs, hb)}
     return result
+
+
+def interval_text(m: Mapping[str, Any], kind: str, diff: Any = None) -> str:
+    """``mean [low, high]`` of a verdict (``diff`` formats a difference; default ``fmt``)."""
+    f = diff or (lambda v: fmt(v, kind))
+    if m.get("mean") is None:
+        return "-"
+    return f(m["mean"]) + (f" [{f(m['ci'][0])}, {f(m['ci'][1])}]" if m.get("ci") else "")
 
 
 def comparison_lines(c: Mapping[str, Any]) -> list[str]:
@@ -204,11 +237,12 @@ def comparison_lines(c: Mapping[str, Any]) -> list[str]:
     head += f"; configs differ in {', '.join(c['config_differs_in']) or 'nothing'})" if "config_differs_in" in c else ")"
     if c.get("not_comparable"):
         return [head + ": **not compared**, " + c["not_comparable"], ""]
-    lines = [head + ":", "", f"| metric | {c['row']} - {c['baseline']} per seed | verdict for {c['row']} | basis |",
-             "|---|---|---|---|"]
+    lines = [head + ":", "", f"| metric | {c['row']} - {c['baseline']} per seed | mean [95% t interval] | "
+             f"verdict for {c['row']} | seeds better | basis |", "|---|---|---|---|---|---|"]
     for k, m in c["metrics"].items():
         title, _, kind = METRICS[k]
-        lines.append(f"| {title} | {', '.join(fmt(d, kind) for d in m['diffs'])} | {m['verdict']} | {m['basis']} |")
+        lines.append(f"| {title} | {', '.join(fmt(d, kind) for d in m['diffs'])} | {interval_text(m, kind)} | "
+                     f"{m['verdict']} | {m['signs']} | {m['basis']} |")
     return lines + [""]
 
 
@@ -402,10 +436,8 @@ def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command:
     if missing:
         lines += ["No training curves (neither stored in the record nor a run folder beside it; left out of the "
                   "figures and the horizon table): " + ", ".join(missing) + ".", ""]
-    lines += ["Verdicts: 'better'/'worse' (for the first row of the pair) only when every seed agrees in sign, over "
-              f"at least {MIN_SEEDS} seeds ('too few seeds' below that); with 3 seeds that is a sign test at p = 0.25 "
-              "(one-sided), weak evidence on its own. Rows are compared only "
-              "when their records share the step and the config (estimator aside; column `config`).", ""]
+    lines += ["Verdicts: " + RULE + " Rows are compared only when their records share the step and the config "
+              "(estimator aside; column `config`).", ""]
     (report / "seeds.md").write_text("\n".join(lines))
     (report / "seeds.json").write_text(dumps_record(summary, default=str))
     print("\n".join(lines))

@@ -40,8 +40,9 @@ def test_tables_are_filled_between_the_markers_and_the_prose_is_kept(tmp_path: P
     assert main[3].startswith("| 8192 x 3 | k-means | rotation (released) | 0,1,2 | 9.10% ± 0.10% |")
     assert main[4].startswith("| 8192 x 3 | upstream | STE |")
     verdicts = text.split("<!-- VERDICTS -->\n")[1]
-    assert "| kmeans/vqgan_rot - kmeans/vqgan_ste | 0,1,2 | better (+1.00, +1.00, +1.00) |" in verdicts
-    assert "better (-0.0100, -0.0100, -0.0100)" in verdicts  # valid loss, lower is better
+    assert ("| kmeans/vqgan_rot - kmeans/vqgan_ste | 0,1,2 | **better** +1.00 [+1.00, +1.00], 3/3 seeds better "
+            "(+1.00, +1.00, +1.00) |") in verdicts
+    assert "**better** -0.0100 [-0.0100, -0.0100], 3/3 seeds better (-0.0100, -0.0100, -0.0100)" in verdicts
     assert effect_report.fill(text, effect_report.tables(s)) == text  # idempotent
 
 
@@ -61,3 +62,35 @@ def test_the_committed_report_matches_the_committed_summary() -> None:
     report, summary = ROOT / "docs" / "report" / "README.md", ROOT / "docs" / "report" / "effect" / "seeds.json"
     assert effect_report.main([str(summary), str(report), "--check"]) == 0, \
         f"regenerate with: python scripts/effect_report.py {summary.relative_to(ROOT)} {report.relative_to(ROOT)}"
+
+
+# --- the verdict rule (issue 24 item 5): one function, a 95% t interval, the sign count beside it ----------------
+def test_t_quantiles_match_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    for dof, q in enumerate(seed_summary.T975, start=1):
+        assert abs(q - stats.t.ppf(0.975, dof)) < 5e-4, dof
+    # beyond the table the dof-30 value is used: conservative (at least every later quantile)
+    assert all(seed_summary.T975[-1] >= stats.t.ppf(0.975, d) for d in (31, 50, 100))
+
+
+def test_interval_matches_scipy_and_decides_the_verdict() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    diffs = [1.0, 1.1, 0.9, 1.2, -0.05]  # one seed disagrees, but the interval is above 0: better, 4/5
+    v = seed_summary.verdict(diffs, higher_better=True)
+    lo, hi = stats.t.interval(0.95, len(diffs) - 1, loc=stats.tmean(diffs), scale=stats.sem(diffs))
+    assert v["verdict"] == "better" and v["signs"] == "4/5"
+    assert abs(v["ci"][0] - lo) < 1e-3 and abs(v["ci"][1] - hi) < 1e-3
+    # every seed agrees in sign but the spread is large against the mean: no verdict (the held-out seed's lesson)
+    v = seed_summary.verdict([0.9, 1.1, 1.0, 0.95, 1.05], higher_better=True)
+    assert v["signs"] == "5/5" and v["verdict"] == "better"
+    v = seed_summary.verdict([0.3, 1.9, 0.1, 0.4, 2.5], higher_better=True)  # interval [-0.31, 2.39]
+    assert v["signs"] == "5/5" and v["verdict"] == "no clear difference" and v["ci"][0] < 0
+    # lower is better: a negative interval is "better"; too few seeds gives no verdict but still an interval
+    assert seed_summary.verdict([-1.0, -1.2, -0.9], higher_better=False)["verdict"] == "better"
+    v = seed_summary.verdict([1.0, 2.0], higher_better=True)
+    assert v["verdict"] == "too few seeds" and v["ci"] is not None
+
+
+def test_the_rule_is_stated_two_sided_with_the_multiplicity_caveat() -> None:
+    assert "one-sided" not in seed_summary.RULE and "two-sided sign test" in seed_summary.RULE
+    assert "no multiplicity correction" in seed_summary.RULE
