@@ -49,7 +49,10 @@ FAMILIES = {"vqgan": "Table 3 regime: VQGAN, 8192 codes x 3",
 # (row suffix, baseline suffix, what the difference means) compared within a family, paired by seed.
 PAIRS: tuple[tuple[str, str, str], ...] = (("rot", "ste", "rotation (released) - STE"),
                                            ("rot_paper", "ste", "rotation (paper's formula) - STE"),
-                                           ("rot", "rot_paper", "released - paper's formula"))
+                                           ("rot", "rot_paper", "released - paper's formula"),
+                                           # residual stages (issue 24): the rotation per stage vs over the sum
+                                           ("rot_stage", "ste", "rotation per stage - STE"),
+                                           ("rot_stage", "rot", "rotation per stage - over the sum"))
 SCHEMA_PREFIX = "rotation-trick-eval/"
 # A verdict needs at least this many seeds (its interval has n - 1 degrees of freedom).
 MIN_SEEDS = 3
