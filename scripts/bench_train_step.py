@@ -14,6 +14,13 @@ first config, and the median of the per-round ratios (runs next to each other in
         --batch-size 16 --synthetic 256 -o model.params.lossconfig.params.perceptual_weight=0
     python scripts/bench_train_step.py configs/vitvqgan_small.yaml configs/rot_vitvqgan_small.yaml \\
         --device cuda --synthetic 256 --steps 20 --rounds 2
+
+A config may carry overrides of its own after an ``@`` (comma-separated ``key=value``), so one run compares the
+collapse remedies (issue 24) against plain STE on one config, each remedy beside its reference in the same rounds:
+
+    python scripts/bench_train_step.py configs/small_vqgan.yaml \\
+        configs/small_vqgan.yaml@model.params.quantizer_config.codebook_update=ema \\
+        configs/small_rot_vqgan.yaml@model.params.quantizer_config.codebook_param=simvq --steps 20 --rounds 4
 """
 from __future__ import annotations
 
@@ -69,7 +76,8 @@ def detect_codebase(cfgs: dict[Path, Any]) -> Codebase:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("configs", nargs="+", type=Path, help="configs to compare (the first is the reference)")
+    parser.add_argument("configs", nargs="+", help="configs to compare (the first is the reference); "
+                        "PATH@key=value,key=value adds overrides for that entry only")
     parser.add_argument("--steps", type=int, default=20, help="measured steps per config and round")
     parser.add_argument("--warmup", type=int, default=3, help="steps not measured at the start of each run")
     parser.add_argument("--rounds", type=int, default=3)
@@ -92,17 +100,32 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def split_entry(entry: str) -> tuple[Path, list[str]]:
+    """``PATH[@k=v,k=v]`` -> (PATH, ["k=v", ...])."""
+    path, _, extra = entry.partition("@")
+    return Path(path), [kv for kv in extra.split(",") if kv]
+
+
 def main() -> None:
     args = parse_args()
-    for c in args.configs:
+    entries = [split_entry(c) for c in args.configs]
+    for c, extra in entries:
         if not c.is_file():
             sys.exit(f"config {c} not found")
+        bad = [kv for kv in extra if "=" not in kv]
+        if bad:
+            sys.exit(f"{c}: overrides after '@' are key=value, got {bad}")
 
     from omegaconf import OmegaConf
 
+    from adapters.evaluation.model_loading import load_config  # resolves enhancing's base_config
+
     # One entry per config given (the same file twice is an A/A check of the noise).
-    cfgs = [OmegaConf.merge(OmegaConf.load(c), OmegaConf.from_dotlist(args.override)) for c in args.configs]
-    codebase = detect_codebase(dict(zip(args.configs, cfgs)))
+    cfgs = [OmegaConf.merge(load_config(c), OmegaConf.from_dotlist(args.override), OmegaConf.from_dotlist(extra))
+            for c, extra in entries]
+    names = [c.name + ("@" + ",".join(kv.rsplit(".", 1)[-1] for kv in extra) if extra else "")
+             for c, extra in entries]
+    codebase = detect_codebase(dict(zip(names, cfgs)))
     if args.batch_size:
         for cfg in cfgs:
             cfg[codebase.data_key].params.batch_size = args.batch_size
@@ -184,14 +207,14 @@ def main() -> None:
         return timer.times
 
     # times[i][r]: the measured steps of config i in round r
-    times: list[list[list[float]]] = [[] for _ in args.configs]
-    runs = list(enumerate(zip(args.configs, cfgs)))
+    times: list[list[list[float]]] = [[] for _ in entries]
+    runs = list(enumerate(zip(names, cfgs)))
     for r in range(args.rounds):
         # ABBA order: whatever favours the first or second run of a round cancels out over pairs of rounds
         for i, (path, cfg) in runs if r % 2 == 0 else runs[::-1]:
             with contextlib.redirect_stdout(sys.stderr):  # upstream's prints; stdout is for the table only
                 times[i].append(one_run(path, cfg))
-            print(f"round {r + 1}/{args.rounds} {path.name}: median {statistics.median(times[i][-1]):.4f} s/step "
+            print(f"round {r + 1}/{args.rounds} {path}: median {statistics.median(times[i][-1]):.4f} s/step "
                   f"over {len(times[i][-1])} steps", file=sys.stderr, flush=True)
 
     def flat(i: int) -> list[float]:
@@ -208,7 +231,7 @@ def main() -> None:
         med = statistics.median(flat(i))
         paired = statistics.median(statistics.median(times[i][r]) / statistics.median(times[0][r])
                                    for r in range(args.rounds))
-        print(f"| {path.name} | {gradient} | {med:.4f} | {med / ref:.3f} | {paired:.3f} |")
+        print(f"| {path} | {gradient} | {med:.4f} | {med / ref:.3f} | {paired:.3f} |")
 
 
 if __name__ == "__main__":

@@ -61,3 +61,28 @@ def test_configs_of_two_codebases_or_neither_give_one_clear_error(tmp_path: Path
     assert r.returncode == 1 and "not a training config of either codebase" in r.stderr and "data:" in r.stderr
     r = bench(str(tmp_path / "missing.yaml"))
     assert r.returncode == 1 and "not found" in r.stderr
+
+
+def test_entries_carry_their_own_overrides_and_bad_ones_are_one_line() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bench_train_step import split_entry
+    finally:
+        sys.path.pop(0)
+    assert split_entry("configs/a.yaml@x.y=1,z=ema") == (Path("configs/a.yaml"), ["x.y=1", "z=ema"])
+    assert split_entry("configs/a.yaml") == (Path("configs/a.yaml"), [])
+    r = bench(str(CONFIGS / "tiny_vqgan.yaml"), str(CONFIGS / "tiny_vqgan.yaml") + "@model.params.gradient")
+    assert r.returncode != 0 and "overrides after '@' are key=value" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@requires_ldm
+def test_a_remedy_override_runs_beside_its_reference(tmp_path: Path) -> None:
+    remedy = "model.params.quantizer_config.codebook_update=ema"
+    r = bench(str(CONFIGS / "tiny_vqgan.yaml"), f"{CONFIGS / 'tiny_vqgan.yaml'}@{remedy}", "--steps", "2",
+              "--rounds", "1", "--warmup", "1", "--threads", "1", "--synthetic", "64", "--batch-size", "2",
+              cwd=tmp_path)
+    if r.returncode != 0 and "codebook_update" in r.stderr and "unknown" in r.stderr:
+        pytest.fail("the quantizer does not know codebook_update: " + r.stderr[-500:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [n for n, *_ in rows(r.stdout)] == ["tiny_vqgan.yaml", "tiny_vqgan.yaml@codebook_update=ema"]

@@ -14,8 +14,10 @@ from torch import nn
 
 from adapters import swap_quantizers
 from adapters.quantizer import NormRotationQuantizer, RotationVectorQuantizer
-from adapters.integrations.swap import (DiffusersRotationQuantizer, TamingV1RotationQuantizer,
-                                        UnsupportedQuantizerError, swap_options)
+from adapters.integrations.swap import (AlreadySwappedError, DiffusersRotationQuantizer, NotAModuleError,
+                                        TamingV1RotationQuantizer, TrainedCodebookError, UnsupportedQuantizerError,
+                                        swap_options)
+from adapters.runtime.errors import UserError
 from conftest import HAS_ENHANCING, HAS_LDM, ROOT
 
 DOC = ROOT / "docs" / "swap.md"
@@ -163,7 +165,7 @@ def test_the_callers_random_stream_is_untouched() -> None:
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_shared_modules_hooks_and_the_projects_own_quantizer() -> None:
+def test_shared_modules_hooks_and_nothing_to_swap() -> None:
     model = Tiny(VectorQuantizer2(N_E, E_DIM, beta=0.25))
     model.alias = model.quantize  # one module under two names
     calls: list[str] = []
@@ -172,13 +174,90 @@ def test_shared_modules_hooks_and_the_projects_own_quantizer() -> None:
     assert model.alias is model.quantize and isinstance(model.quantize, RotationVectorQuantizer)
     model(torch.randn(1, 3, 4, 4))
     assert calls == ["RotationVectorQuantizer"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # already the project's quantizer: nothing to say, nothing to do
-        assert swap_quantizers(model) == []
     with pytest.warns(UserWarning, match="no supported quantizer in Sequential"):
         assert swap_quantizers(nn.Sequential(nn.Linear(2, 2))) == []
     with pytest.raises(ValueError, match="pass the module that holds"):
         swap_quantizers(VectorQuantizer2(N_E, E_DIM, beta=0.25))
+
+
+def _documented_error(heading: str) -> str:
+    """The error text in docs/swap.md's code block under ``heading``."""
+    text = DOC.read_text()
+    block = text.split(heading, 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    return block.rstrip("\n")
+
+
+def test_a_second_swap_is_refused_with_the_documented_error_and_changes_nothing() -> None:
+    """issue 23 item 1: a re-swap (a sweep, a notebook) used to pass the swapped quantizer over silently, keeping
+    its first gradient and dropping codebook_init/search."""
+    model = Tiny(VectorQuantizer2(N_E, E_DIM, beta=0.25))
+    assert swap_quantizers(model, gradient="ste", search="blocked") == ["quantize"]
+    first = model.quantize
+    for strict in (True, False):
+        with pytest.raises(AlreadySwappedError) as err:
+            swap_quantizers(model, gradient="rotation", search="fused", strict=strict)
+        assert str(err.value) == _documented_error("## A second swap")
+        assert isinstance(err.value, UserError) and "\n" not in str(err.value)
+    assert model.quantize is first and (first.gradient, first.search) == ("ste", "blocked")
+    # a quantizer the project built (not swapped) is refused the same way, with its name
+    held = nn.Module()
+    held.a, held.b = RotationVectorQuantizer(N_E, E_DIM, gradient="rotation"), NormRotationQuantizer(E_DIM, N_E)
+    with pytest.raises(AlreadySwappedError, match=r"^swap_quantizers: a \(RotationVectorQuantizer, gradient "
+                                                  r"'rotation'\), b \(NormRotationQuantizer, gradient 'rotation'\) "
+                                                  r"are already the project's quantizers; a second swap is refused"):
+        swap_quantizers(held)
+
+
+def test_kmeans_over_a_codebook_that_came_with_weights_is_refused_unless_forced() -> None:
+    """issue 23 item 2: the swap installed a trained codebook into a module whose k-means init was pending, so the
+    first training batch replaced it."""
+    model = Tiny(VectorQuantizer2(N_E, E_DIM, beta=0.25))
+    with torch.no_grad():
+        model.quantize.embedding.weight.normal_()  # what a checkpoint brings: far outside the +-1/n_e draw
+    trained = model.quantize.embedding.weight.detach().clone()
+    with pytest.raises(TrainedCodebookError) as err:
+        swap_quantizers(model, codebook_init="kmeans", search="blocked")
+    assert str(err.value) == _documented_error("## k-means over a trained codebook")
+    assert type(model.quantize) is VectorQuantizer2  # nothing changed
+    with pytest.raises(ValueError, match="force_kmeans=True applies only with codebook_init='kmeans'"):
+        swap_quantizers(model, force_kmeans=True)
+    assert swap_quantizers(model, codebook_init="kmeans", force_kmeans=True, search="blocked") == ["quantize"]
+    assert model.quantize.codebook_init_pending and torch.equal(model.quantize.embedding.weight, trained)
+    # taming's own draw, uniform(-1/n_e, 1/n_e), in float32 and float64: training from scratch is not refused
+    for dtype in (torch.float32, torch.float64):
+        fresh = Tiny(VectorQuantizer2(N_E, E_DIM, beta=0.25)).to(dtype)
+        assert swap_quantizers(fresh, codebook_init="kmeans", search="blocked") == ["quantize"]
+        assert fresh.quantize.codebook_init_pending
+    if HAS_ENHANCING:  # enhancing's N(0, 1) draw cannot be told from a trained codebook: always asks for force
+        with pytest.raises(TrainedCodebookError, match="enhancing-transformers' N.0, 1. draw cannot be told"):
+            swap_quantizers(Tiny(_enhancing_vq(), tokens=True), codebook_init="kmeans")
+
+
+def test_kmeans_after_diffusers_from_pretrained_is_refused(tmp_path: Path) -> None:
+    """A diffusers model loaded by from_pretrained brought its codebook, even one inside the +-1/n_e bound."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[diffusers]'")
+    config = dict(block_out_channels=(8,), norm_num_groups=4, num_vq_embeddings=N_E, vq_embed_dim=E_DIM,
+                  latent_channels=E_DIM)
+    torch.manual_seed(0)
+    diffusers.VQModel(**config).save_pretrained(tmp_path)  # an untouched draw: only from_pretrained tells
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # diffusers' note that accelerate is not installed
+        loaded = diffusers.VQModel.from_pretrained(tmp_path)
+    holder = nn.Module()
+    holder.vae = loaded  # nested: the loaded model's prefix is what counts
+    with pytest.raises(TrainedCodebookError, match=r"vae\.quantize: its model was loaded by from_pretrained"):
+        swap_quantizers(holder, codebook_init="kmeans")
+    assert swap_quantizers(diffusers.VQModel(**config), codebook_init="kmeans", search="blocked") == ["quantize"]
+
+
+def test_a_non_module_argument_is_one_clear_error() -> None:
+    """issue 23 item 12: swap_quantizers("path") was an AttributeError from deep inside the walk."""
+    with pytest.raises(NotAModuleError) as err:
+        swap_quantizers("runs/dvq/model")
+    assert str(err.value) == _documented_error("## Not a model")
+    assert isinstance(err.value, UserError) and isinstance(err.value, TypeError)
+    with pytest.raises(NotAModuleError, match="got dict"):
+        swap_quantizers({"quantize.embedding.weight": torch.zeros(2, 2)})
 
 
 class EMAVectorQuantizer(nn.Module):
@@ -222,11 +301,6 @@ def test_what_cannot_be_swapped_is_named_in_one_error_and_nothing_changes() -> N
     assert isinstance(model.good, RotationVectorQuantizer) and type(model.gumbel) is GumbelQuantize
 
 
-def _documented_error(heading: str) -> str:
-    """The error text in docs/swap.md's code block under ``heading``."""
-    text = DOC.read_text()
-    block = text.split(heading, 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
-    return block.rstrip("\n")
 
 
 def test_residual_vq_is_refused_with_the_documented_error() -> None:
@@ -245,15 +319,31 @@ def test_residual_vq_is_refused_with_the_documented_error() -> None:
 
 @pytest.mark.skipif(not HAS_ENHANCING, reason="third_party/enhancing-transformers is absent (fresh clone)")
 @pytest.mark.enhancing
-def test_enhancing_residual_and_gumbel_quantizers_are_refused() -> None:
+def test_enhancing_gumbel_and_no_straight_through_are_refused_and_residual_is_swapped() -> None:
+    """issue 23 item 11: with straight_through=False enhancing's output carries no encoder gradient; the swap used
+    to replace it by a straight-through quantizer, silently changing the encoder's gradient. (Residual stages are
+    tests/test_residual.py's.)"""
     from enhancing.modules.stage1.quantizers import GumbelQuantizer
     from enhancing.modules.stage1.quantizers import VectorQuantizer as EnhancingVQ
+
+    from adapters.quantizer import ResidualNormRotationQuantizer
 
     model = nn.Module()
     model.residual = EnhancingVQ(E_DIM, N_E, use_residual=True, num_quantizers=2)
     model.gumbel = GumbelQuantizer(E_DIM, N_E)
-    with pytest.raises(UnsupportedQuantizerError, match=r"(?s)residual .*use_residual=True.*gumbel .*Gumbel"):
+    model.copyless = EnhancingVQ(E_DIM, N_E)
+    model.copyless.straight_through = False
+    with pytest.raises(UnsupportedQuantizerError) as err:
         swap_quantizers(model)
+    message = str(err.value)
+    assert message.startswith("swap_quantizers: 2 quantizer(s) cannot be swapped faithfully")
+    assert "  gumbel (enhancing.modules.stage1.quantizers.GumbelQuantizer): a Gumbel-softmax quantizer" in message
+    assert ("  copyless (enhancing.modules.stage1.quantizers.VectorQuantizer): "
+            + _documented_error("## enhancing without straight-through")) in message
+    assert "residual" not in message
+    with pytest.warns(UserWarning, match="copyless"):
+        assert swap_quantizers(model, strict=False, search="blocked") == ["residual"]
+    assert type(model.residual) is ResidualNormRotationQuantizer and type(model.copyless) is EnhancingVQ
 
 
 @pytest.mark.skipif(not HAS_LDM, reason="third_party/latent-diffusion is absent (fresh clone)")

@@ -105,3 +105,30 @@ def test_swapped_taming_vqmodel_trains_a_step(vqmodel_class: type) -> None:
     # and the swapped model's checkpoint loads into a fresh upstream model, strictly
     fresh = _model(vqmodel_class)
     fresh.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_a_taming_checkpoint_keeps_its_codebook_and_is_swapped_once(vqmodel_class: type, tmp_path) -> None:
+    """issue 23 items 1 and 2 on taming's own model: a VQModel built with ``ckpt_path`` brings a trained codebook,
+    which codebook_init="kmeans" must not overwrite; and the swapped model is not swapped a second time."""
+    from adapters.integrations.swap import AlreadySwappedError, TrainedCodebookError
+
+    trained = _model(vqmodel_class)  # its codebook is N(0, 1), as a trained one leaves taming's +-1/n_e draw
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": trained.state_dict()}, ckpt)
+    params = OmegaConf.to_container(OmegaConf.create(CONFIG).model.params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # taming's torch.load without weights_only
+        model = vqmodel_class(**params, ckpt_path=str(ckpt))
+    codebook = model.quantize.embedding.weight.detach().clone()
+    assert torch.equal(codebook, trained.quantize.embedding.weight)
+    with pytest.raises(TrainedCodebookError, match=r"quantize: its values lie outside a fresh draw's \+-1/n_e"):
+        swap_quantizers(model, gradient="rotation_released", codebook_init="kmeans")
+    assert swap_quantizers(model, gradient="rotation_released", search="blocked") == ["quantize"]
+    assert not model.quantize.codebook_init_pending
+    with pytest.raises(AlreadySwappedError, match=r"quantize \(RotationVectorQuantizer, gradient "
+                                                  r"'rotation_released'\) is already the project's quantizer"):
+        swap_quantizers(model, gradient="ste")
+    assert model.quantize.gradient == "rotation_released"
+    model.train()
+    model(torch.rand(1, 3, 16, 16) * 2 - 1)  # a training forward: the codebook is not re-initialised
+    assert torch.equal(model.quantize.embedding.weight, codebook)

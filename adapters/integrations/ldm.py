@@ -4,7 +4,10 @@
 arguments plus
 
   gradient: ste | rotation | rotation_released | reflection | rotation_unscaled  (see adapters.quantizer)
-  quantizer_config: {beta, legacy, use_norm, search, search_chunk_size, track_stats, codebook_init, kmeans_iters}  (optional; upstream's beta 0.25)
+  quantizer_config: {beta, legacy, use_norm, search, search_chunk_size, search_max_bytes, track_stats, codebook_init,
+                     kmeans_iters, codebook_update, ema_decay, ema_eps, dead_code_threshold, dead_code_every,
+                     codebook_param, simvq_learn_codebook}  (optional; upstream's beta 0.25; the collapse remedies
+                     are README's table, "The quantizer and its gradient options")
   trust_checkpoint: false | true  (ckpt_path: load with weights_only=False if the file needs it;
                                    adapters.runtime.safe_load)
 
@@ -45,10 +48,11 @@ with upstream_imports("ldm"):  # a missing third_party/latent-diffusion: one err
     from ldm.util import instantiate_from_config
 from adapters.integrations.lightning_compat import AccumulatedUpdate, allow_numpy_scalars_in_checkpoints
 from adapters.evaluation.codebook_logging import CodebookLoggingMixin
-from adapters.quantizer import GRADIENTS, CodebookStats, RotationVectorQuantizer
+from adapters.quantizer import GRADIENTS, CodebookStats, RotationVectorQuantizer, codebook_updates_paused
 
 QUANTIZER_OPTIONS = ("beta", "legacy", "use_norm", "search", "search_chunk_size", "search_max_bytes", "track_stats",
-                     "codebook_init", "kmeans_iters")
+                     "codebook_init", "kmeans_iters", "codebook_update", "ema_decay", "ema_eps", "dead_code_threshold",
+                     "dead_code_every", "codebook_param", "simvq_learn_codebook")
 # What a diverged run's error (NonFiniteLossError) tells the user to change, in latent-diffusion main.py's terms.
 LR_OPTION = "model.base_learning_rate"
 RESUME_OPTION = "-r logs/<run>, or -r with one of its checkpoints/*.ckpt"
@@ -156,9 +160,10 @@ class RotationVQModel(CodebookLoggingMixin, VQModel):
         self.log_dict(log_dict_ae, prog_bar=False, logger=True, on_step=True, on_epoch=True)
         self.log_codebook_batch("train", skip=log_dict_ae)  # taming's loss may log perplexity itself
 
-        # discriminator (optimizer_idx 1): Lightning 1.4 ran training_step again, after the autoencoder update
+        # discriminator (optimizer_idx 1): Lightning 1.4 ran training_step again, after the autoencoder update; this
+        # repeat of the batch neither counts codes nor updates an EMA codebook or restarts codes a second time
         self.toggle_optimizer(opt_disc)
-        with torch.no_grad(), self._no_stats():
+        with torch.no_grad(), self._no_stats(), codebook_updates_paused(self.quantize):
             xrec, qloss, ind = self(x, return_pred_indices=True)
         discloss, log_dict_disc = self.loss(qloss, x, xrec, 1, step, last_layer=self.get_last_layer(),
                                             split="train")

@@ -7,7 +7,8 @@ Supported (matched by exact class, so a subclass with its own code is never take
 * taming's first ``taming.modules.vqvae.quantize.VectorQuantizer`` -> ``TamingV1RotationQuantizer`` (its return: the
   perplexity, the one-hot encodings and (N, 1) indices);
 * enhancing-transformers' ``enhancing.modules.stage1.quantizers.VectorQuantizer`` -> ``NormRotationQuantizer``
-  (``use_norm`` kept);
+  (``use_norm`` kept); with ``use_residual=True`` -> ``ResidualNormRotationQuantizer`` (``num_quantizers`` stages
+  on the shared codebook; option ``rotation_scope``: ``total`` or ``stage``, ``adapters/quantizer/residual.py``);
 * diffusers' ``diffusers.models.autoencoders.vae.VectorQuantizer`` (``VQModel.quantize``) ->
   ``DiffusersRotationQuantizer`` (diffusers' argument and attribute names: ``vq_embed_dim``).
 
@@ -20,26 +21,32 @@ Refused, because the project's quantizer would compute something else (one error
 ``strict=False`` leaves them as they are with one warning and swaps the rest):
 
 * Gumbel-softmax quantizers (no straight-through copy to replace), EMA codebooks (updated outside the gradient);
-* residual and product quantizers: ``vector_quantize_pytorch`` (``ResidualVQ`` and the others), enhancing's
-  ``VectorQuantizer(use_residual=True)``, any class whose name says residual/product/grouped;
+* enhancing's ``VectorQuantizer`` with ``straight_through=False`` (its output carries no encoder gradient);
+* residual and product quantizers other than enhancing's: ``vector_quantize_pytorch`` (``ResidualVQ`` and the
+  others), any class whose name says residual/product/grouped;
 * subclasses of the supported classes, modules whose ``forward`` was replaced on the instance (accelerate's
   device-map hooks: swap before dispatching), and any other class whose name contains ``quantiz`` (torch's and
   weight-quantization libraries' modules excepted: they quantize weights, not latents).
 
-The project's own quantizers (``RotationVectorQuantizer`` and subclasses) are left as they are and not listed.
+A second swap is refused (``AlreadySwappedError``, whatever ``strict``): a model holding the project's quantizers
+(``RotationVectorQuantizer`` and subclasses, swapped before or built by the project) cannot be re-swapped to another
+gradient or options. ``codebook_init="kmeans"`` over a codebook that came with weights is refused
+(``TrainedCodebookError``) unless ``force_kmeans=True``; an argument that is not a module is ``NotAModuleError``.
 """
 from __future__ import annotations
 
 import inspect
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from adapters.runtime.errors import UserError
-from adapters.quantizer import NormRotationQuantizer, RotationVectorQuantizer, check_gradient
+from adapters.quantizer import (NormRotationQuantizer, ResidualNormRotationQuantizer, RotationVectorQuantizer,
+                                check_gradient, check_rotation_scope)
 
 _TAMING = "taming.modules.vqvae.quantize"
 _ENHANCING = "enhancing.modules.stage1.quantizers"
@@ -75,6 +82,9 @@ RESIDUAL_VQ_PYTORCH = ("vector-quantize-pytorch's {name}, a residual quantizer: 
                        "codebook lookup, not one per stage, nor its EMA codebook updates; {name} already rotates "
                        "every stage itself (its VectorQuantize layers take rotation_trick=True, the default when "
                        "dim > 1)")
+NO_STRAIGHT_THROUGH = ("enhancing's straight_through=False: its output carries no gradient to the encoder (only "
+                       "the commitment loss reaches it); every estimator of the project's quantizer adds one, so a "
+                       "swap would change the encoder's gradient")
 SUBCLASS = ("a subclass of {base} with its own code: the project cannot check that it behaves as its base")
 WRAPPED = ("its forward was replaced on the instance (e.g. accelerate's device-map or offload hooks): swap the "
            "quantizers before dispatching the model")
@@ -85,6 +95,19 @@ UNKNOWN = ("an unknown quantizer class: the project cannot check that its quanti
 class UnsupportedQuantizerError(UserError, TypeError):
     """``swap_quantizers(strict=True)`` found quantizers it cannot replace faithfully; the message names each one,
     says why, and that ``strict=False`` skips them with a warning. Nothing was changed."""
+
+
+class AlreadySwappedError(UserError, ValueError):
+    """``swap_quantizers`` met the project's own quantizers: a second swap could not change their gradient or
+    options, so it is refused (nothing changed); the message names them."""
+
+
+class TrainedCodebookError(UserError, ValueError):
+    """``codebook_init="kmeans"`` would overwrite a codebook that came with weights; ``force_kmeans=True`` opts in."""
+
+
+class NotAModuleError(UserError, TypeError):
+    """``swap_quantizers`` was given something other than a ``torch.nn.Module`` (a path, a state dict, ...)."""
 
 
 class TamingV1RotationQuantizer(RotationVectorQuantizer):
@@ -130,10 +153,12 @@ class DiffusersRotationQuantizer(RotationVectorQuantizer):
 
 
 def swap_options() -> tuple[str, ...]:
-    """The options ``swap_quantizers`` passes to the new quantizers (the project quantizer's own, minus ``KEPT``)."""
+    """The options ``swap_quantizers`` passes to the new quantizers (the project quantizer's own, minus ``KEPT``,
+    plus ``rotation_scope`` for residual ones)."""
     params = inspect.signature(RotationVectorQuantizer.__init__).parameters
     return tuple(p for p in params if p not in ("self", *KEPT)
-                 and params[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL))
+                 and params[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)) \
+        + ("rotation_scope",)
 
 
 def _key(cls: type) -> tuple[str, str]:
@@ -156,8 +181,8 @@ def refusal(module: nn.Module) -> Optional[str]:
     if kind is not None:
         if "forward" in vars(module):
             return WRAPPED
-        if kind == "enhancing" and getattr(module, "use_residual", False):
-            return RESIDUAL + " (enhancing's use_residual=True)"
+        if kind == "enhancing" and not getattr(module, "straight_through", True):
+            return NO_STRAIGHT_THROUGH
         return None
     if mod.startswith("vector_quantize_pytorch"):
         return (RESIDUAL_VQ_PYTORCH if re.search(r"residual|grouped", low) else VQ_PYTORCH).format(name=name)
@@ -182,7 +207,31 @@ def _uses_norm(module: nn.Module) -> bool:
     return not torch.equal(module.norm(probe), probe)
 
 
-def _build(kind: str, old: nn.Module, gradient: str, options: dict[str, Any]) -> RotationVectorQuantizer:
+def _from_pretrained(module: nn.Module) -> bool:
+    """Whether diffusers' ``from_pretrained`` made ``module`` (it records the source in ``config._name_or_path``)."""
+    config = getattr(module, "config", None)
+    return isinstance(config, Mapping) and bool(config.get("_name_or_path"))
+
+
+def _may_be_trained(kind: str, old: nn.Module, loaded: bool) -> Optional[str]:
+    """Why ``old``'s codebook may have come with weights, or None where it can only be its constructor's draw:
+    taming's and diffusers' uniform(-1/n_e, 1/n_e) is bounded (a trained codebook leaves the bound); enhancing's
+    N(0, 1) is not. ``loaded``: it sits in a model diffusers' ``from_pretrained`` made."""
+    weight = old.embedding.weight
+    if loaded:
+        return "its model was loaded by from_pretrained"
+    if kind == "enhancing":
+        return "enhancing-transformers' N(0, 1) draw cannot be told from a trained codebook"
+    if weight.is_meta:
+        return "its weights are on the meta device, to be loaded later"
+    bound = (1.0 / old.n_e) * (1 + 4 * torch.finfo(weight.dtype).eps)  # the draw's bound, rounded to the dtype
+    if float(weight.detach().abs().max()) > bound:
+        return f"its values lie outside a fresh draw's +-1/n_e = {1.0 / old.n_e:.3g}"
+    return None
+
+
+def _build(kind: str, old: nn.Module, gradient: str, options: dict[str, Any],
+           rotation_scope: Optional[str] = None) -> RotationVectorQuantizer:
     """The replacement for ``old``, sharing its codebook module, buffers, mode and hooks."""
     # The new module draws its own codebook before it takes old's: fork the RNG so the caller's stream is untouched.
     with torch.random.fork_rng(devices=[]):
@@ -195,6 +244,11 @@ def _build(kind: str, old: nn.Module, gradient: str, options: dict[str, Any]) ->
         elif kind == "diffusers":
             new = DiffusersRotationQuantizer(old.n_e, old.vq_embed_dim, old.beta, sane_index_shape=old.sane_index_shape,
                                              legacy=old.legacy, gradient=gradient, **options)
+        elif getattr(old, "use_residual", False):
+            scope = {} if rotation_scope is None else {"rotation_scope": rotation_scope}
+            new = ResidualNormRotationQuantizer(old.embed_dim, old.n_embed, old.beta, use_norm=_uses_norm(old),
+                                                num_quantizers=old.num_quantizers, gradient=gradient, **scope,
+                                                **options)
         else:
             new = NormRotationQuantizer(old.embed_dim, old.n_embed, old.beta, use_norm=_uses_norm(old),
                                         num_quantizers=old.num_quantizers, gradient=gradient, **options)
@@ -235,22 +289,31 @@ def _walk(root: nn.Module, visit: Callable[[str, nn.Module], bool],
 
 
 def swap_quantizers(model: nn.Module, gradient: str = "rotation_released", strict: bool = True,
-                    **options: Any) -> list[str]:
+                    force_kmeans: bool = False, **options: Any) -> list[str]:
     """Replace, in place, every supported vector quantizer in ``model`` by the project's (see the module docstring).
 
     Args:
-      model: any ``nn.Module`` holding quantizers (a diffusers/taming/latent-diffusion ``VQModel``, a ``ViTVQ``, ...).
+      model: any ``nn.Module`` holding quantizers (a diffusers/taming/latent-diffusion ``VQModel``, a ``ViTVQ``, ...),
+        swapped once: one holding the project's quantizers already is refused (``AlreadySwappedError``).
       gradient: the estimator (``adapters.quantizer.GRADIENTS``); ``ste`` reproduces upstream (forward bit for bit
         up to near-tie code choices, encoder gradients up to rounding); ``rotation_released`` is the authors' code.
       strict: True raises ``UnsupportedQuantizerError`` naming every quantizer that cannot be swapped faithfully,
         before anything changes; False leaves those as they are, with one warning, and swaps the rest.
+      force_kmeans: with ``codebook_init="kmeans"``, re-initialise even a codebook that may have come with weights
+        (refused otherwise: ``TrainedCodebookError``).
       options: passed to each new quantizer: ``search``, ``search_chunk_size``, ``search_max_bytes``,
         ``track_stats``, ``codebook_init`` (``kmeans`` re-initialises the codebook on the first training batch: for
-        training from scratch, not fine-tuning), ``kmeans_iters`` (:func:`swap_options`).
+        training from scratch, not fine-tuning), ``kmeans_iters``, the remedies (:func:`swap_options`), and
+        ``rotation_scope`` (``total`` | ``stage``) for residual quantizers.
 
     Returns:
       the qualified names of the modules replaced (a module held under several names is listed once).
     """
+    if not isinstance(model, nn.Module):
+        shown = repr(model) if len(repr(model)) <= 60 else repr(model)[:57] + "..."
+        raise NotAModuleError(f"swap_quantizers takes the model, a torch.nn.Module holding its quantizers; got "
+                              f"{type(model).__name__} {shown}: build or load the model first (e.g. "
+                              f"diffusers.VQModel.from_pretrained(path)) and pass it")
     check_gradient(gradient)
     allowed = swap_options()
     bad = sorted(set(options) - set(allowed))
@@ -258,17 +321,24 @@ def swap_quantizers(model: nn.Module, gradient: str = "rotation_released", stric
         kept = sorted(set(options) & set(KEPT))
         why = f" ({', '.join(kept)} {'is' if len(kept) == 1 else 'are'} kept from each quantizer)" if kept else ""
         raise ValueError(f"swap_quantizers: unknown option(s) {bad}{why}; valid: {', '.join(allowed)}")
+    rotation_scope = options.pop("rotation_scope", None)
+    if rotation_scope is not None:
+        check_rotation_scope(rotation_scope)
+    kmeans = options.get("codebook_init") == "kmeans"
+    if force_kmeans and not kmeans:
+        raise ValueError("swap_quantizers: force_kmeans=True applies only with codebook_init='kmeans'")
     if SUPPORTED.get(_key(type(model))) is not None:
         raise ValueError("swap_quantizers replaces quantizers inside a model; pass the module that holds "
                          f"this {type(model).__name__}")
 
     plan: dict[int, str] = {}  # id(old) -> kind, for the modules to replace
     refused: list[tuple[str, nn.Module, str]] = []  # (name, module, why)
-    already: list[str] = []  # the project's own quantizers
+    already: list[tuple[str, nn.Module]] = []  # the project's own quantizers
+    loaded = [""] if _from_pretrained(model) else []  # prefixes of modules that came with weights
 
     def visit(name: str, module: nn.Module) -> bool:
         if isinstance(module, RotationVectorQuantizer):
-            already.append(name)  # left as it is
+            already.append((name, module))
             return False
         why = refusal(module)
         if why is not None:
@@ -278,9 +348,21 @@ def swap_quantizers(model: nn.Module, gradient: str = "rotation_released", stric
         if kind is not None:
             plan[id(module)] = kind
             return False
+        if _from_pretrained(module):
+            loaded.append(name + ".")
         return True
 
     occurrences = _walk(model, visit)
+    if already:
+        # Passing them over would keep their first gradient and options without a word (a sweep re-swapping
+        # one model object); rebuilding them in place could not carry every option's state: refused.
+        held = ", ".join(f"{name} ({type(m).__name__}, gradient {m.gradient!r})" for name, m in already)
+        one = len(already) == 1
+        raise AlreadySwappedError(
+            f"swap_quantizers: {held} {'is' if one else 'are'} already the project's quantizer{'' if one else 's'}; "
+            f"a second swap is refused, as it could not change {'its' if one else 'their'} gradient or options: "
+            f"swap a freshly built or loaded model once, with the settings wanted (a project model takes them "
+            f"from its config)")
     if refused:
         lines = "\n".join(f"  {name} ({_dotted(m)}): {why}" for name, m, why in refused)
         if strict:
@@ -289,21 +371,34 @@ def swap_quantizers(model: nn.Module, gradient: str = "rotation_released", stric
                 f"{lines}\npass strict=False to leave them as they are (with a warning) and swap the rest")
         warnings.warn(f"swap_quantizers: left as they are (not swapped):\n{lines}", UserWarning, stacklevel=2)
 
-    # Build every replacement before installing any: a bad option then changes nothing.
-    new: dict[int, RotationVectorQuantizer] = {}
-    names: list[str] = []
+    targets: dict[int, tuple[str, nn.Module]] = {}  # id -> (first name, module) of each module to replace
     for name, _, _, child in occurrences:
-        if id(child) in plan and id(child) not in new:
-            new[id(child)] = _build(plan[id(child)], child, gradient, options)
-            names.append(name)
+        if id(child) in plan and id(child) not in targets:
+            targets[id(child)] = (name, child)
+    if rotation_scope is not None and not any(getattr(m, "use_residual", False) for _, m in targets.values()):
+        raise ValueError("swap_quantizers: rotation_scope applies to residual quantizers (enhancing's "
+                         "use_residual=True), and this model has none to swap")
+    if kmeans and not force_kmeans:
+        trained = [(name, why) for name, m in targets.values()
+                   if (why := _may_be_trained(plan[id(m)], m, any(name.startswith(p) for p in loaded)))]
+        if trained:
+            held = "; ".join(f"{name}: {why}" for name, why in trained)
+            raise TrainedCodebookError(
+                f"swap_quantizers: codebook_init='kmeans' would overwrite a codebook that may have come with "
+                f"weights ({held}); a trained codebook is never re-initialised: leave codebook_init out to "
+                f"fine-tune it, or pass force_kmeans=True if it is untrained")
+
+    # Build every replacement before installing any: a bad option then changes nothing.
+    new = {key: _build(plan[key], m, gradient, options, rotation_scope) for key, (_, m) in targets.items()}
     for _, parent, attr, child in occurrences:
         if id(child) in new:
             setattr(parent, attr, new[id(child)])
-    if not (names or refused or already):
+    if not (targets or refused):
         warnings.warn(f"swap_quantizers: no supported quantizer in {type(model).__name__}; nothing was replaced",
                       UserWarning, stacklevel=2)
-    return names
+    return [name for name, _ in targets.values()]
 
 
-__all__ = ["DiffusersRotationQuantizer", "SUPPORTED", "TamingV1RotationQuantizer", "UnsupportedQuantizerError",
-           "refusal", "swap_options", "swap_quantizers"]
+__all__ = ["AlreadySwappedError", "DiffusersRotationQuantizer", "NotAModuleError", "SUPPORTED",
+           "TamingV1RotationQuantizer", "TrainedCodebookError", "UnsupportedQuantizerError", "refusal", "swap_options",
+           "swap_quantizers"]

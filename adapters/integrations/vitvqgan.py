@@ -11,6 +11,10 @@ and replaces upstream's ``VectorQuantizer`` by ``NormRotationQuantizer`` (l2-nor
 same loss, same state-dict keys). ``gradient: ste`` is upstream ``ViTVQ`` numerically; ``rotation_released`` is the
 authors' Table 4 code (``ROT_ViTVQ``): the raw ``pre_quant`` output is rotated onto the normalised codeword.
 Upstream ``ViTVQ`` checkpoints, including the authors' released Table 4 one, load with no missing or unexpected keys.
+``model.params.quantizer`` takes upstream's keys (``embed_dim, n_embed, beta, use_norm, ...``) plus the quantizer's
+own: ``search``, ``codebook_init``, ``kmeans_iters``, ``track_stats``, and the collapse remedies ``codebook_update``,
+``ema_decay``, ``ema_eps``, ``dead_code_threshold``, ``dead_code_every``, ``codebook_param``,
+``simvq_learn_codebook`` (README's table); an unknown key is an error naming the valid ones.
 
 Training is Lightning 2 manual optimisation reproducing what Lightning 1.5 did with upstream's two optimizers: per
 batch, the autoencoder update (loss with ``optimizer_idx=0``, discriminator frozen), then a fresh forward pass and
@@ -55,7 +59,8 @@ from adapters.evaluation.data import ImageNetFolder
 from adapters.integrations.losses import MissingWeightsError
 from adapters.integrations.lightning_compat import AccumulatedUpdate, allow_numpy_scalars_in_checkpoints
 from adapters.evaluation.codebook_logging import CodebookLoggingMixin
-from adapters.quantizer import GRADIENTS, NormRotationQuantizer
+from adapters.quantizer import (GRADIENTS, NormRotationQuantizer, ResidualNormRotationQuantizer,
+                                codebook_updates_paused)
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, which lpips.LPIPS(net="vgg") loads
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -206,8 +211,15 @@ class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
         super().__init__(image_key, image_size, patch_size, encoder, decoder, quantizer, loss, None,
                          list(ignore_keys), scheduler)
         upstream = self.quantizer
+        options = OmegaConf.to_container(quantizer)
+        # use_residual: true, num_quantizers: N -> N stages on the shared codebook, with rotation_scope: total | stage
+        residual = bool(options.get("use_residual"))
+        if "rotation_scope" in options and not residual:
+            raise ValueError("model.params.quantizer.rotation_scope applies to residual stages: set "
+                             "model.params.quantizer.use_residual: true and num_quantizers, or drop rotation_scope")
         with torch.random.fork_rng(devices=[]):  # the draws below leave the RNG stream where upstream's would be
-            self.quantizer = NormRotationQuantizer(gradient=gradient, **OmegaConf.to_container(quantizer))
+            cls = ResidualNormRotationQuantizer if residual else NormRotationQuantizer
+            self.quantizer = cls(gradient=gradient, **options)
         self.quantizer.adopt_initial_codebook(upstream)  # same initial codebook as upstream for a seed
         self.gradient = gradient
         self.automatic_optimization = False
@@ -235,6 +247,16 @@ class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
         print(f"Restored from {path}: {len(missing)} missing and {len(unexpected)} unexpected keys{detail}")
         return list(missing), list(unexpected)
 
+    def decode_codes(self, code: Tensor) -> Tensor:
+        """Codes (B, T) -> images (B, 3, H, W), as upstream, from the quantizer's effective codewords (under
+        ``codebook_param: simvq`` upstream's ``quantizer.embedding(code)`` would read the stored C, not C W)."""
+        if getattr(self.quantizer, "codebook_transform", None) is None:
+            return super().decode_codes(code)
+        quant = self.quantizer.get_codebook_entry(code, None)  # normalised in use_norm mode, as upstream's
+        if self.quantizer.use_residual:
+            quant = quant.sum(-2)
+        return self.decode(quant)
+
     # --- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         optimizers = self.optimizers()
@@ -260,7 +282,8 @@ class RotationViTVQ(CodebookLoggingMixin, ViTVQ):
         if len(optimizers) > 1:
             opt_disc = optimizers[1]
             self.toggle_optimizer(opt_disc)
-            with torch.no_grad(), self._no_stats():
+            # a repeat of the batch: no code counted, no EMA update or restart a second time
+            with torch.no_grad(), self._no_stats(), codebook_updates_paused(self.quantizer):
                 xrec, qloss = self(x)
             discloss, log_dict_disc = self.loss(qloss, x, xrec, 1, step, batch_idx, last_layer=last_layer,
                                                 split="train")

@@ -100,7 +100,9 @@ class CodebookStats:
 
 
 def codebook_log_dict(stats: Mapping[str, Tensor], split: str) -> dict[str, Tensor]:
-    """Lightning log keys for a stats dict: ``{split}/codebook_usage``, ``{split}/quant_error``, ... (scalars only)."""
+    """Lightning log keys for a stats dict: ``{split}/codebook_usage``, ``{split}/quant_error``, ... (scalars only);
+    ``{split}/restarted_codes`` where the quantizer restarts dead codes."""
     names = {"usage": "codebook_usage", "quant_error": "quant_error", "perplexity": "perplexity",
-             "used_codes": "used_codes", "dead_codes": "dead_codes"}
+             "used_codes": "used_codes", "dead_codes": "dead_codes",
+             "restarted_codes": "restarted_codes"}  # dead-code restarts in the batch (only when they are on)
     return {f"{split}/{names[k]}": v for k, v in stats.items() if k in names}
