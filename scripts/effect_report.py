@@ -3,11 +3,13 @@
 
   python scripts/effect_report.py docs/report/effect/seeds.json docs/report/README.md           # rewrite the tables
   python scripts/effect_report.py docs/report/effect/seeds.json docs/report/README.md --check   # exit 1 if stale
+  python scripts/effect_report.py docs/report/remedies/seeds.json docs/report/README.md --kind remedies
 
 The report keeps its prose by hand and its numbers here: each table sits between ``<!-- NAME -->`` and
 ``<!-- /NAME -->`` (MAIN: metrics at the last step, mean +- std over seeds; HORIZON: training curves at each horizon;
 VERDICTS: per pair the verdict of seed_summary's rule, the mean paired difference [95% t interval], the sign count
-and the differences per seed). ``--check`` is what the tests run, so
+and the differences per seed; with ``--kind remedies`` REMEDIES_MAIN and REMEDIES_VERDICTS, the collapse remedies'
+section, issue 24; with ``--kind horizon`` LONG_HORIZON and LONG_MAIN). ``--check`` is what the tests run, so
 a summary that changed without its report (or the reverse) is caught.
 """
 from __future__ import annotations
@@ -25,10 +27,17 @@ from seed_summary import FAMILIES, METRICS, family_of, fmt, interval_text  # noq
 
 CODEBOOKS = {"vqgan": "8192 x 3", "vqgan_regime": "128 x 3 (regime)", "vit": "ViT 8192 x 32"}
 INITS = {"upstream": "upstream"}  # every other label of the effect study used the k-means init
-ESTIMATORS = {"ste": "STE", "rot": "rotation (released)", "rot_paper": "rotation (paper)"}
+ESTIMATORS = {"ste": "STE", "rot": "rotation (released)", "rot_paper": "rotation (paper)",
+              "rot_stage": "rotation per stage"}
+# The remedies section (issue 24): a summary label -> the remedy its rows ran with; the plain labels are the baseline.
+REMEDIES = {"plain": "none", "ema_dead": "EMA + dead-code restarts", "ema": "EMA codebook", "simvq": "SimVQ",
+            "residual": "2 residual stages"}
+PLAIN = ("plain",)
 # The metrics of the MAIN table (all of seed_summary's but the per-element error) and of the VERDICTS table.
 MAIN = ("codebook_usage_per_batch", "codebook_usage_whole_set", "perplexity_whole_set", "dead_codes", "quant_error",
         "valid_loss", "psnr", "ssim")
+# its MAIN table adds the per-element error: upstream's commitment loss is beta times it (vector-quantize-pytorch #177)
+REMEDY_MAIN = MAIN[:5] + ("quant_error_per_dim",) + MAIN[5:]
 VERDICTS = ("codebook_usage_per_batch", "codebook_usage_whole_set", "quant_error", "valid_loss", "psnr", "ssim")
 
 
@@ -38,7 +47,8 @@ def describe(row: str) -> tuple[str, str, str]:
     family = family_of(name)
     if family is None:
         raise SystemExit(f"effect_report: row {row!r} is not of a known family ({', '.join(FAMILIES)})")
-    return CODEBOOKS[family], INITS.get(label, "k-means"), ESTIMATORS.get(name[len(family) + 1:], name)
+    return CODEBOOKS[family], INITS.get(label, "upstream" if label.startswith("upstream") else "k-means"), \
+        ESTIMATORS.get(name[len(family) + 1:], name)
 
 
 def ordered(rows: Sequence[str]) -> list[str]:
@@ -100,10 +110,34 @@ def _diff(d: float, metric: str) -> str:
     return {"sci": f"{d:+.2e}", "f4": f"{d:+.4f}", "f2": f"{d:+.2f}", "f3": f"{d:+.3f}"}.get(kind, f"{d:+g}")
 
 
-def verdict_table(summary: Mapping[str, Any]) -> list[str]:
+def remedy_main_table(summary: Mapping[str, Any]) -> list[str]:
+    titles = [METRICS[m][0] for m in REMEDY_MAIN]
+    lines = ["| codebook | remedy | estimator | seeds | " + " | ".join(titles) + " |",
+             "|---|---|---|---|" + "---|" * len(REMEDY_MAIN)]
+    for row in ordered(list(summary["rows"])):
+        e = summary["rows"][row]
+        seeds = sorted(map(str, e["per_seed"]), key=int)
+        codebook, _, estimator = describe(row)
+        remedy = REMEDIES.get(row.split("/", 1)[0], row.split("/", 1)[0])
+        lines.append(f"| {codebook} | {remedy} | {estimator} | {','.join(seeds)} | "
+                     + " | ".join(_cell(e["mean_std"].get(m), _kind(m), len(seeds)) for m in REMEDY_MAIN) + " |")
+    return lines
+
+
+def remedy_question(c: Mapping[str, Any]) -> bool:
+    """The comparisons the remedies section answers with: each remedy's estimator pair, each remedy against no
+    remedy (same estimator), restarts on top of EMA, and pairs named with seed_summary --pairs."""
+    la, lb = c["row"].split("/", 1)[0], c["baseline"].split("/", 1)[0]
+    same_row = c["row"].split("/", 1)[-1] == c["baseline"].split("/", 1)[-1]
+    return la == lb or not same_row or lb in PLAIN or (la, lb) == ("ema_dead", "ema")
+
+
+def verdict_table(summary: Mapping[str, Any], keep: Any = None) -> list[str]:
     lines = ["| pair (first minus second) | seeds | " + " | ".join(METRICS[m][0] for m in VERDICTS) + " |",
              "|---|---|" + "---|" * len(VERDICTS)]
     for c in summary["comparisons"]:
+        if keep is not None and not keep(c):
+            continue
         head = f"| {c['row']} - {c['baseline']} | {','.join(map(str, c['seeds']))} | "
         if c.get("not_comparable"):
             lines.append(head + f"not compared: {c['not_comparable']} |" + " |" * (len(VERDICTS) - 1))
@@ -117,7 +151,13 @@ def verdict_table(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def tables(summary: Mapping[str, Any]) -> dict[str, list[str]]:
+def tables(summary: Mapping[str, Any], kind: str = "effect") -> dict[str, list[str]]:
+    """The marked blocks of the report made from one summary: the effect study's, or the remedies section's."""
+    if kind == "remedies":
+        return {"REMEDIES_MAIN": remedy_main_table(summary),
+                "REMEDIES_VERDICTS": verdict_table(summary, keep=remedy_question)}
+    if kind == "horizon":
+        return {"LONG_HORIZON": horizon_table(summary), "LONG_MAIN": main_table(summary)}
     return {"MAIN": main_table(summary), "HORIZON": horizon_table(summary), "VERDICTS": verdict_table(summary)}
 
 
@@ -137,9 +177,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("summary", type=Path, help="seeds.json written by scripts/seed_summary.py")
     p.add_argument("report", type=Path, help="the Markdown report holding the marked tables")
     p.add_argument("--check", action="store_true", help="do not write; exit 1 if the report's tables are stale")
+    p.add_argument("--kind", choices=["effect", "remedies", "horizon"], default="effect",
+                   help="which blocks: effect (MAIN, HORIZON, VERDICTS), remedies (REMEDIES_MAIN, REMEDIES_VERDICTS) "
+                        "or horizon (LONG_HORIZON, LONG_MAIN)")
     a = p.parse_args(argv)
     text = a.report.read_text()
-    new = fill(text, tables(json.loads(a.summary.read_text())))
+    new = fill(text, tables(json.loads(a.summary.read_text()), a.kind))
     if a.check:
         if new != text:
             print(f"effect_report: the tables in {a.report} do not match {a.summary}; rerun without --check",

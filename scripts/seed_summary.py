@@ -371,7 +371,8 @@ def records_digest(rows: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[
 
 def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command: Optional[str] = None,
               wall_seconds: Optional[float] = None, plots: bool = True, overwrite: bool = False,
-              horizons: Sequence[int] = (), embed: bool = False) -> dict[str, Any]:
+              horizons: Sequence[int] = (), embed: bool = False,
+              extra_pairs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     rows: dict[str, dict[int, dict[str, Any]]] = {}
     for label, out in outs:
         rows.update(collect(out, label))
@@ -429,6 +430,11 @@ def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command:
                         c = compare(rows, f"{la}/{row}", f"{lb}/{row}", f"{la} - {lb}", setting_varies=True)
                         summary["comparisons"].append(c)
                         lines += comparison_lines(c)
+        for row, base in extra_pairs:  # named pairs of any two rows (issue 24: restarts vs rotation across remedies)
+            if row in fam_rows and base in rows:
+                c = compare(rows, row, base, f"{row} - {base}", setting_varies=True)
+                summary["comparisons"].append(c)
+                lines += comparison_lines(c)
         if horizons:
             hl, summary["horizons"][family] = horizon_lines(rows, fam_rows, horizons)
             lines += hl
@@ -460,6 +466,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--embed-curves", action="store_true",
                    help="write each record's training curves (50-step means, from its run folder) into the record, "
                         "so that figures and horizons survive the run folders")
+    p.add_argument("--pairs", default="", help="extra comparisons of two named rows, ROW_A:ROW_B,... (labelled "
+                                               "rows, e.g. ema_dead/vqgan_ste:ema/vqgan_rot), paired by seed")
     p.add_argument("--horizons", default="", help="training steps at which to read every row's training curves, "
                                                   "e.g. 200,2000 (the mean over the 50 steps up to each)")
     a = p.parse_args(argv)
@@ -467,8 +475,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if len(outs) > 1 and any(label is None for label, _ in outs):
         p.error("with several OUT folders, give each a label: LABEL=OUT")
     horizons = [int(h) for h in a.horizons.split(",") if h]
+    pairs = [tuple(x.split(":", 1)) for x in a.pairs.split(",") if x]
+    if any(len(x) != 2 for x in pairs):
+        p.error("--pairs takes ROW_A:ROW_B,... (e.g. ema_dead/vqgan_ste:ema/vqgan_rot)")
     return summarise(outs, Path(a.report), a.command, a.wall_seconds, not a.no_plots, a.overwrite, horizons,
-                     a.embed_curves)
+                     a.embed_curves, pairs)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,27 @@ def test_interval_matches_scipy_and_decides_the_verdict() -> None:
 def test_the_rule_is_stated_two_sided_with_the_multiplicity_caveat() -> None:
     assert "one-sided" not in seed_summary.RULE and "two-sided sign test" in seed_summary.RULE
     assert "no multiplicity correction" in seed_summary.RULE
+
+
+def test_remedies_tables_answer_the_users_questions(tmp_path: Path) -> None:
+    for label, shift in (("ema_dead", 0.02), ("ema", 0.01), ("simvq", 0.03), ("plain", 0.0)):
+        for seed in (0, 1, 2):
+            for row, grad, extra in (("vqgan_ste", "ste", 0.0), ("vqgan_rot", "rotation_released", 0.01)):
+                wobble = 0.004 * (-1) ** seed if label == "ema_dead" else 0.0  # restarts: seed-dependent
+                rec = _record(row, grad, seed, usage=0.08 + shift + extra + 0.001 * seed + wobble, loss=0.2 - extra)
+                _write(tmp_path / label, seed, row, rec, compact=True)
+    s = seed_summary.summarise([(lb, tmp_path / lb) for lb in ("ema_dead", "ema", "simvq", "plain")],
+                               tmp_path / "report", plots=False,
+                               extra_pairs=[("ema_dead/vqgan_ste", "ema/vqgan_rot")])
+    blocks = effect_report.tables(s, "remedies")
+    main = "\n".join(blocks["REMEDIES_MAIN"])
+    assert "| 8192 x 3 | EMA codebook | rotation (released) | 0,1,2 | 10.10% ± 0.10% |" in main, main
+    assert "| 8192 x 3 | none | STE | 0,1,2 | 8.10% ± 0.10% |" in main and "quant. error / element" in main
+    verdicts = "\n".join(blocks["REMEDIES_VERDICTS"])
+    for pair in ("ema/vqgan_rot - ema/vqgan_ste", "ema/vqgan_rot - plain/vqgan_rot",
+                 "ema_dead/vqgan_ste - ema/vqgan_ste", "ema_dead/vqgan_ste - ema/vqgan_rot"):
+        assert f"| {pair} |" in verdicts, pair
+    assert "ema/vqgan_rot - simvq/vqgan_rot" not in verdicts  # remedy against remedy: not a question asked
+    # restarts (ema_dead STE) vs rotation (ema): usage differences +0.4, -0.4, +0.4 points: no clear difference
+    line = next(x for x in blocks["REMEDIES_VERDICTS"] if "ema_dead/vqgan_ste - ema/vqgan_rot" in x)
+    assert "**no clear difference**" in line.split("|")[3]
