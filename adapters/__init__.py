@@ -8,22 +8,25 @@
 ``adapters.swap_quantizers(model, gradient=...)`` swaps the quantizers of any VQ model. The export is lazy (PEP 562):
 ``import adapters.runtime.errors`` and the other light modules do not pull in torch and taming.
 
-Every module used to sit flat in ``adapters/``. An old path is kept, as a module that re-exports its new home, only
-where something this code cannot change still names it: :data:`LEGACY_MODULES` lists each one with why (the one
-place they are listed); :func:`canonical_target` maps a config ``target:`` across. The project's own code, configs
-and docs use the new paths.
+Every module used to sit flat in ``adapters/``. Saved run configs (``logs/<run>/configs/*.yaml``, read again by
+``main.py -r`` and ``scripts/evaluate.py``) and committed evaluation records keep the ``target:`` paths they were
+written with: :data:`LEGACY_MODULES` maps each old module to its new home (the one place they are listed),
+:func:`canonical_target` / :func:`canonical_targets` map a target / a whole config across where configs are read.
+No module is kept at an old path.
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
 
-__all__ = ["swap_quantizers", "LEGACY_MODULES", "canonical_target"]
+__all__ = ["swap_quantizers", "LEGACY_MODULES", "canonical_target", "canonical_targets"]
 
-# old module path -> (its new home, what still names the old path). A saved run config (logs/<run>/configs/*.yaml,
-# read again by `-r` and by scripts/evaluate.py) and the `config` section of an evaluation record keep the targets
-# they were written with; patched upstream trees keep the imports the patches put there (patches/*/*.patch are never
-# edited: changed patch text would no longer apply over a tree patched before). Checkpoints name no adapters module
-# (no hyper-parameters are saved, Lightning keys the RunGuard state by class name), so none is kept for them.
+# old module path of a config target -> (its new home, what still names the old path). Applied where configs are
+# read: the patched latent-diffusion main.py (patch 0023: a run folder saved before the move, resumed with -r), the
+# evaluation's target resolver (adapters.evaluation.model_loading), the preflight checks, scripts/seed_summary.py
+# (records). Checkpoints name no adapters module (no hyper-parameters are saved, Lightning keys the RunGuard state
+# by class name). The patches import the new paths; a tree patched with the older patch texts (which imported
+# adapters.preflight, adapters.safe_load, ...) is exported again and re-patched: scripts/setup_submodules.sh says so.
 LEGACY_MODULES: dict[str, tuple[str, str]] = {
     "adapters.ldm": ("adapters.integrations.ldm",
                      "saved configs and records: model target RotationVQModel, GumbelVQModel"),
@@ -34,17 +37,9 @@ LEGACY_MODULES: dict[str, tuple[str, str]] = {
                         "saved configs and records: lossconfig target VQLPIPSWithDiscriminator"),
     "adapters.data": ("adapters.evaluation.data",
                       "saved configs and records: data targets PhotoCrops, ImageNetTrain, ImageNetValidation"),
-    "adapters.console": ("adapters.runtime.console",
-                         "latent-diffusion patch 0021 and enhancing patch 11 import quiet_lightning and "
-                         "print_run_summary; saved tiny configs name the callback CpuThreads"),
-    "adapters.preflight": ("adapters.runtime.preflight",
-                           "latent-diffusion patch 0018 imports exit_on_problems; enhancing patch 11 "
-                           "exit_on_enhancing_problems and exit_on_missing_config"),
+    "adapters.console": ("adapters.runtime.console", "saved tiny configs: callback target CpuThreads"),
     "adapters.run_guard": ("adapters.runtime.run_guard",
-                           "latent-diffusion patch 0011 adds the callback target adapters.run_guard.RunGuard; "
-                           "enhancing patch 09 imports RunGuard"),
-    "adapters.safe_load": ("adapters.runtime.safe_load",
-                           "latent-diffusion patch 0010 imports load_checkpoint"),
+                           "saved lightning configs that name the callback target RunGuard"),
 }
 
 
@@ -54,6 +49,36 @@ def canonical_target(target: str) -> str:
     module, _, name = target.rpartition(".")
     new = LEGACY_MODULES.get(module)
     return f"{new[0]}.{name}" if new is not None else target
+
+
+def canonical_targets(config: Any) -> Any:
+    """``config`` (a dict/list tree or an OmegaConf DictConfig/ListConfig) with every ``target:`` string mapped by
+    :func:`canonical_target`, in place; returned for chaining. ``${...}`` interpolations are left unresolved."""
+    if isinstance(config, Mapping):
+        is_interpolation = _interpolation_test(config)
+        for key in list(config.keys()):
+            if is_interpolation(config, key):
+                continue
+            value = config[key]
+            if key == "target" and isinstance(value, str):
+                config[key] = canonical_target(value)
+            else:
+                canonical_targets(value)
+    elif isinstance(config, Sequence) and not isinstance(config, (str, bytes)):
+        is_interpolation = _interpolation_test(config)
+        for i in range(len(config)):
+            if not is_interpolation(config, i):
+                canonical_targets(config[i])
+    return config
+
+
+def _interpolation_test(node: Any) -> Callable[[Any, Any], bool]:
+    """``(node, key) -> bool``: whether ``node[key]`` is an OmegaConf ``${...}`` (never read: it may not resolve)."""
+    if type(node).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.is_interpolation
+    return lambda _node, _key: False
 
 
 def __getattr__(name: str) -> Any:

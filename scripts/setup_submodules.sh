@@ -8,7 +8,8 @@
 #      pinned commit. The URL can be overridden per tree with <TREE>_URL, where <TREE> is the folder name in capitals
 #      with '-' -> '_' (LATENT_DIFFUSION_URL, ENHANCING_TRANSFORMERS_URL), e.g. for a mirror or an air-gapped cluster;
 #   2. patches/<tree folder name>/*.patch are applied in sorted order. A patch that is already applied is skipped,
-#      so a second run changes nothing; one that applies neither way stops the script and is named;
+#      so a second run changes nothing; one that applies neither way stops the script and is named (a tree patched
+#      by an older version of patches/ is exported again, not patched over: the message says how);
 #   3. `python -m pip install -e '.[test]'` installs the project (and the upstream tree, when it is a package, without
 #      dependencies) into the interpreter `python` (or $PYTHON) resolves to: activate your conda env or venv first.
 # Options: --no-install skips step 3; --no-fetch never touches the network (a missing tree is an error);
@@ -103,7 +104,7 @@ applied_prefix() {
 }
 
 apply_patches() {
-  local tree="$1" dir="$2"
+  local tree="$1" dir="$2" pinned="${3:-}"
   local p rel i
   local patches=()
   while IFS= read -r p; do patches+=("$p"); done < <(find "$dir" -maxdepth 1 -name '*.patch' 2>/dev/null | LC_ALL=C sort)
@@ -123,8 +124,13 @@ apply_patches() {
       echo "  applied: $rel"
     else
       echo "setup_submodules.sh: patch $rel does not apply to ${tree#"$ROOT"/} (conflict: the tree is not the" \
-           "pinned commit, was edited, or has patches applied out of order). git apply says:" >&2
+           "pinned commit, was edited, has patches applied out of order, or was patched by an older version of" \
+           "patches/ than this checkout's). git apply says:" >&2
       tree_git_apply "$tree" --check "$p" >&2 || true
+      echo "setup_submodules.sh: a tree patched by an older version of patches/ is exported again, not patched" \
+           "over: delete ${tree#"$ROOT"/} (nothing of the project is in it) and run this script again (it fetches" \
+           "commit ${pinned:-<pinned>} and applies every patch), or offline put a fresh export of that commit there" \
+           "and run it with --no-fetch." >&2
       exit 1
     fi
   done
@@ -151,7 +157,7 @@ while read -r key path; do
     status=1
     continue
   fi
-  apply_patches "$tree" "$ROOT/patches/$tree_name"
+  apply_patches "$tree" "$ROOT/patches/$tree_name" "$pin"
 done < <(git config -f .gitmodules --get-regexp '^submodule\..*\.path$')
 
 if [[ "$status" != 0 ]]; then

@@ -100,6 +100,83 @@ def test_missing_imagenet_root_is_one_clear_error(tmp_path: Path) -> None:
     assert "NameError" not in proc.stderr
 
 
+def test_gpus_0_trains_on_the_cpu_at_the_scaled_learning_rate_and_says_what_it_means(tmp_path: Path) -> None:
+    """`--gpus 0` is Lightning's count of no GPUs: patch 0014 once counted it as 0 devices (learning rate 0)."""
+    proc = run_main(["--base", "configs/tiny_rot_vqgan.yaml", "-t", "--gpus", "0", "lightning.trainer.max_steps=1",
+                     *FAST], tmp_path / "logs")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Setting learning rate to 4.00e-04 = 1 (accumulate_grad_batches) * 1 (num_gpus) * 4 (batchsize)" in proc.stdout
+    assert "Running on GPUs" not in proc.stdout
+    (note,) = [line for line in proc.stderr.splitlines() if line.startswith("main.py: --gpus 0 ")]
+    assert "no GPU" in note and "trains on the CPU" in note and "--gpus 0, " in note
+
+
+def test_a_run_shorter_than_an_epoch_validates_at_its_last_step(tmp_path: Path) -> None:
+    """400 training crops at batch 4: an epoch is 100 steps, so a 2-step run never validated (no images/val/, and
+    ModelCheckpoint warned that its monitor val/rec_loss was missing, listing every metric). Patch 0020."""
+    logs = tmp_path / "logs"
+    proc = run_main(["--base", "configs/tiny_rot_vqgan.yaml", "-t", "lightning.trainer.max_steps=2",
+                     "data.params.validation.params.length=4"], logs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = logs.iterdir()
+    assert list((run / "images" / "val").glob("reconstructions_gs-000002_*.png"))
+    assert (run / "checkpoints" / "epoch=000000.ckpt").is_file()  # saved as best by val/rec_loss: it had a value
+    assert "could not find the monitored key" not in proc.stdout + proc.stderr
+
+
+def _fake_run(logs: Path, with_checkpoint: bool) -> Path:
+    run = logs / "2026-01-01T00-00-00_tiny_rot_vqgan"
+    (run / "configs").mkdir(parents=True)
+    (run / "configs" / "2026-01-01T00-00-00-project.yaml").write_text((ROOT / "configs" / "tiny_rot_vqgan.yaml").read_text())
+    (run / "checkpoints").mkdir()
+    if with_checkpoint:
+        (run / "checkpoints" / "epoch=000000.ckpt").write_bytes(b"")
+    return run
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("trainer_key", "lightning.trainer.max_step is not a Lightning Trainer option (did you mean max_steps?)"),
+    ("base", "--base configs/tiny_rot_vqgn.yaml: no such file (did you mean configs/tiny_rot_vqgan.yaml?)"),
+    ("resume_missing", "no such run folder or checkpoint; the newest run in"),
+    ("resume_logs", "holds runs but is not one: give a run folder, e.g. -r"),
+    ("resume_empty_folder", "is not a run folder of main.py"),
+    ("resume_no_last", "checkpoints/last.ckpt does not exist (resume from one of its checkpoints, e.g. -r"),
+])
+def test_command_line_mistakes_end_in_one_line_before_anything_is_built(case: str, expect: str,
+                                                                         tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    run = _fake_run(logs, with_checkpoint=True)
+    (tmp_path / "empty").mkdir()
+    args = {"trainer_key": ["--base", "configs/tiny_rot_vqgan.yaml", "-t", "lightning.trainer.max_step=60"],
+            "base": ["--base", "configs/tiny_rot_vqgn.yaml", "-t"],
+            "resume_missing": ["-r", str(tmp_path / "no_such_run"), "-t"],
+            "resume_logs": ["-r", f"{logs}/", "-t"],
+            "resume_empty_folder": ["-r", str(tmp_path / "empty"), "-t"],
+            "resume_no_last": ["-r", str(run), "-t"]}[case]
+    proc = run_main(args, logs, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("main.py: ")]
+    assert len(lines) == 2 and expect in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Working with z of shape" not in proc.stdout  # nothing built
+
+
+@pytest.mark.parametrize("trainer_config, devices", [
+    ({}, 1), ({"gpus": "0"}, 1), ({"gpus": 0}, 1), ({"gpus": None}, 1), ({"gpus": "0,"}, 1), ({"gpus": "1,"}, 1),
+    ({"gpus": "0,1,2,3"}, 4), ({"gpus": "2"}, 2), ({"gpus": "0,1", "num_nodes": 2}, 4), ({"num_nodes": 2}, 2)])
+def test_the_learning_rate_counts_the_devices_of_the_run_and_one_for_a_cpu_run(trainer_config: dict,
+                                                                                devices: int) -> None:
+    assert _load_main().devices_for_lr_scaling(trainer_config) == devices
+
+
+def _load_main():  # type: ignore[no-untyped-def]
+    import importlib.util
+    # by path, under its own name: enhancing-transformers also has a top-level `main`
+    spec = importlib.util.spec_from_file_location("ldm_main_under_test", MAIN)
+    main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main)
+    return main
+
+
 @pytest.mark.parametrize("trainer_config, expect", [
     ({}, {"accelerator": "cpu"}),
     ({"gpus": "0,"}, {"accelerator": "gpu", "devices": [0]}),
@@ -113,9 +190,4 @@ def test_missing_imagenet_root_is_one_clear_error(tmp_path: Path) -> None:
     ({"resume_from_checkpoint": "x.ckpt", "max_steps": 5}, {"accelerator": "cpu", "max_steps": 5}),
 ])
 def test_lightning1_trainer_options_translate(trainer_config: dict, expect: dict) -> None:
-    import importlib.util
-    # by path, under its own name: enhancing-transformers also has a top-level `main`
-    spec = importlib.util.spec_from_file_location("ldm_main_under_test", MAIN)
-    main = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(main)
-    assert main.lightning2_trainer_kwargs(trainer_config) == expect
+    assert _load_main().lightning2_trainer_kwargs(trainer_config) == expect

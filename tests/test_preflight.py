@@ -46,6 +46,69 @@ def test_gpus_asked_for_but_absent_or_too_few(no_gpu: None, monkeypatch: pytest.
     assert "[2, 3]" in line and "sees 2" in line
 
 
+def test_gpus_0_is_said_to_be_a_cpu_run_not_gpu_0(capsys: pytest.CaptureFixture[str]) -> None:
+    for gpus in ("0", 0, " 0 "):
+        (note,) = preflight.gpu_notes({"gpus": gpus})
+        assert note.startswith("--gpus 0 means no GPU") and "trains on the CPU" in note and "--gpus 0, " in note
+    for trainer in ({}, {"gpus": "0,"}, {"gpus": "1"}, {"gpus": None}):
+        assert preflight.gpu_notes(trainer) == []
+    preflight.exit_on_problems(OmegaConf.load(CONFIGS / "tiny_rot_vqgan.yaml"), {"gpus": "0"})  # a note, no exit
+    assert capsys.readouterr().err.startswith("main.py: --gpus 0 means no GPU")
+
+
+def test_trainer_options_lightning_does_not_take() -> None:
+    (line,) = preflight.trainer_problems({"max_step": 60, "max_epochs": 1})
+    assert line == "lightning.trainer.max_step is not a Lightning Trainer option (did you mean max_steps?): fix the spelling"
+    (line,) = preflight.trainer_problems({"frobnicate": 1})
+    assert "frobnicate is not a Lightning Trainer option: fix" in line
+    # main.py's own flags (patch 0003 translates the Lightning 1.x ones) and every shipped config's trainer options
+    flags = {"gpus": "0,", "num_nodes": 1, "max_epochs": None, "max_steps": -1, "accumulate_grad_batches": 1,
+             "precision": None, "resume_from_checkpoint": None}
+    assert preflight.trainer_problems(flags) == []
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        trainer = OmegaConf.load(path).get("lightning", {}).get("trainer", {})
+        assert preflight.trainer_problems(trainer) == [], path.name
+
+
+def test_base_config_and_resume_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert preflight.base_config_problems(["configs/tiny_rot_vqgan.yaml"]) == []
+    (line,) = preflight.base_config_problems(["configs/tiny_rot_vqgn.yaml"])
+    assert line == "--base configs/tiny_rot_vqgn.yaml: no such file (did you mean configs/tiny_rot_vqgan.yaml?)"
+    (line,) = preflight.base_config_problems([str(tmp_path / "nowhere" / "x.yaml")])
+    assert "no such file" in line and "holds no configs" in line
+    logs = tmp_path / "logs"
+    assert preflight.resume_problems("", str(logs)) == []
+    (line,) = preflight.resume_problems(str(logs), str(logs))
+    assert line == f"-r {logs}: no such run folder or checkpoint"
+    runs = [logs / f"2026-01-0{d}T00-00-00_tiny" for d in (1, 2)]
+    for run in runs:
+        (run / "configs").mkdir(parents=True)
+        (run / "configs" / "a-project.yaml").write_text("model: {}\n")
+        (run / "checkpoints").mkdir()
+    (line,) = preflight.resume_problems(str(logs / "typo"), str(logs))
+    assert line.endswith(f"no such run folder or checkpoint; the newest run in {logs}/ is {runs[1]}")
+    (line,) = preflight.resume_problems(f"{logs}/", str(logs))
+    assert line == f"-r {logs}/ holds runs but is not one: give a run folder, e.g. -r {runs[1]} (the newest)"
+    (line,) = preflight.resume_problems(str(runs[0]), str(logs))
+    assert f"{runs[0] / 'checkpoints' / 'last.ckpt'} does not exist (it saved no checkpoint" in line
+    (runs[0] / "checkpoints" / "crash.ckpt").write_bytes(b"")  # never offered: resumed from only when asked
+    assert "it saved no checkpoint" in preflight.resume_problems(str(runs[0]), str(logs))[0]
+    (runs[0] / "checkpoints" / "epoch=000000.ckpt").write_bytes(b"")
+    (line,) = preflight.resume_problems(str(runs[0]), str(logs))
+    assert f"(resume from one of its checkpoints, e.g. -r {runs[0] / 'checkpoints' / 'epoch=000000.ckpt'})" in line
+    (runs[0] / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert preflight.resume_problems(str(runs[0]), str(logs)) == []
+    assert preflight.resume_problems(str(runs[0] / "checkpoints" / "epoch=000000.ckpt"), str(logs)) == []
+    stray = tmp_path / "stray.ckpt"
+    stray.write_bytes(b"")
+    (line,) = preflight.resume_problems(str(stray), str(logs))
+    assert line.startswith(f"-r {stray} is not a checkpoint in <run>/checkpoints/")
+    with pytest.raises(SystemExit) as exit_:
+        preflight.exit_on_command_line_problems(["configs/tiny_rot_vqgn.yaml"], str(logs / "typo"), str(logs))
+    assert exit_.value.code == 1
+
+
 def test_imagenet_root_missing_or_without_split(no_weights: None, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     data = OmegaConf.load(CONFIGS / "rot_vqgan_64.yaml").data

@@ -130,6 +130,23 @@ def test_conflict_names_the_patch(tmp_path: Path) -> None:
     assert "0003-lightning2-trainer-arguments.patch does not apply" in res.stderr
 
 
+@requires_ldm
+def test_a_tree_patched_by_an_older_version_of_the_patches_is_told_to_be_exported_again(tmp_path: Path) -> None:
+    proj = make_project(tmp_path, with_tree=True)
+    older = tmp_path / "older"  # the series as an earlier checkout had it: one patch imported another path
+    shutil.copytree(proj / "patches" / "latent-diffusion", older)
+    (p10,) = older.glob("0010-*.patch")
+    p10.write_text(p10.read_text().replace("from adapters.runtime.safe_load import", "from adapters.safe_load import"))
+    tree = proj / "third_party" / "latent-diffusion"
+    for p in sorted(older.glob("*.patch")):
+        assert git_apply(tree, p).returncode == 0, p.name
+    res = run_setup(proj, "--no-install", "--no-fetch")
+    assert res.returncode == 1
+    assert ".patch does not apply to third_party/latent-diffusion" in res.stderr  # the first that no longer fits
+    assert "patched by an older version of patches/" in res.stderr
+    assert "delete third_party/latent-diffusion" in res.stderr and "fresh export of that commit" in res.stderr
+
+
 def test_missing_tree_without_network_is_one_clear_message(tmp_path: Path) -> None:
     proj = make_project(tmp_path, with_tree=False)
     res = run_setup(proj, "--no-install", "--no-fetch")

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
+from adapters import canonical_target, canonical_targets
 from adapters.runtime.errors import CheckpointMismatchError, UpstreamMissingError, UserError
 from adapters.integrations.released import is_released_config, translate_released_model_config
 from adapters.runtime.safe_load import load_checkpoint
@@ -32,8 +33,9 @@ FAMILY_NAMES = {"taming": "a latent-diffusion/taming VQGAN", "enhancing": "an en
 
 
 def get_obj_from_str(target: str) -> Any:
-    """'package.module.Name' -> the object; one clear error when the package is not importable."""
-    module, _, name = target.rpartition(".")
+    """'package.module.Name' -> the object; one clear error when the package is not importable. A saved config's
+    old module path (``adapters.ldm.RotationVQModel``) resolves to its current one (:func:`adapters.canonical_target`)."""
+    module, _, name = canonical_target(target).rpartition(".")
     if not module:
         raise ValueError(f"target {target!r} must be a dotted path 'package.module.Name'")
     top = module.partition(".")[0]
@@ -199,8 +201,8 @@ def load_model(config: DictConfig | str | os.PathLike, checkpoint: Optional[str 
         cfg = load_config(config)
     else:
         cfg = config
-    try:
-        raw = OmegaConf.to_container(cfg.model, resolve=True)
+    try:  # targets the model builds itself (lossconfig) on their current module paths, as get_obj_from_str's
+        raw = canonical_targets(OmegaConf.to_container(cfg.model, resolve=True))
     except OmegaConfBaseException as err:  # an unresolvable ${...}
         raise config_error("model", err, config_name) from err
     if is_released_config(raw):

@@ -19,9 +19,10 @@ def _is_number_list(value: Any) -> bool:
 
 def _dump(value: Any, level: int, indent: int) -> str:
     pad, inner = " " * (indent * level), " " * (indent * (level + 1))
-    # deep dicts of scalars (a summary's per-seed metrics) on one line: they are leaves, read as one
+    # deep dicts of scalars and number lists (a summary's per-seed metrics, a verdict with its differences and
+    # interval) on one line: they are leaves, read as one
     if isinstance(value, dict) and value and not (level >= 3 and all(
-            v is None or isinstance(v, _SCALARS) for v in value.values())):
+            isinstance(v, _SCALARS) or _is_number_list(v) for v in value.values())):
         items = [f"{inner}{json.dumps(str(k))}: {_dump(v, level + 1, indent)}" for k, v in value.items()]
         return "{\n" + ",\n".join(items) + "\n" + pad + "}"
     # a list of number lists (a curve's [[steps], [values]]) is one line too

@@ -8,16 +8,23 @@ to do (for enhancing's ``main.py``, with the command that fixes it).
 
 Checked (cheaply: no model, no dataset scan, no download):
 
+* latent-diffusion's command line, before any config is read (:func:`exit_on_command_line_problems`): a ``--base``
+  config that is not a file, ``-r`` to something that is neither a run folder nor one of its checkpoints;
+* trainer options Lightning's ``Trainer`` does not take (a misspelt ``lightning.trainer.max_step=60``);
 * GPUs asked for (``--gpus`` / ``lightning.trainer.gpus``; enhancing's ``-ng N``) but torch sees none, or fewer;
 * a local-ImageNet dataset (``adapters.evaluation.data.ImageNetFolder`` subclasses, enhancing's ones included) whose
   root or split folder is missing;
 * LPIPS weights absent while ``perceptual_weight > 0`` (taming's two files; torchvision's VGG16 for enhancing's
   loss, whose upstream class builds LPIPS whatever the weight) and their host unreachable (or
   ``ROTATION_TRICK_OFFLINE=1``): the full configs would otherwise build the model before the download fails.
+
+Not a problem but said once, as a note: ``--gpus 0`` is Lightning's count of no GPUs, a CPU run (GPU 0 is ``0,``).
 """
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import os
 import shlex
 import socket
@@ -73,6 +80,92 @@ def gpu_problems(trainer_config: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def gpu_notes(trainer_config: Mapping[str, Any]) -> list[str]:
+    """What ``--gpus 0`` means, since it reads like "GPU 0": Lightning's count of no GPUs, so a CPU run."""
+    if str(trainer_config.get("gpus", "")).strip() != "0":
+        return []
+    return ["--gpus 0 means no GPU (a count of 0 GPUs, as in Lightning): this run trains on the CPU; "
+            "for GPU 0 write --gpus 0, (with the comma)"]
+
+
+# Lightning 1.x trainer options the patched main.py translates itself (patch 0003), on top of Trainer's own
+LIGHTNING1_TRAINER_OPTIONS = ("gpus", "resume_from_checkpoint")
+
+
+def trainer_problems(trainer_config: Mapping[str, Any]) -> list[str]:
+    """One line per trainer option that ``Trainer`` does not take (it would raise a TypeError once the model is
+    built), with the closest option it does take."""
+    from pytorch_lightning import Trainer
+
+    known = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
+    known += list(LIGHTNING1_TRAINER_OPTIONS)
+    found = []
+    for key in sorted(str(k) for k in trainer_config.keys() if str(k) not in known):
+        close = difflib.get_close_matches(key, known, n=1)
+        found.append(f"lightning.trainer.{key} is not a Lightning Trainer option" +
+                     (f" (did you mean {close[0]}?)" if close else "") + ": fix the spelling")
+    return found
+
+
+def _runs_in(folder: Path) -> list[Path]:
+    """Run folders of latent-diffusion's main.py directly under ``folder`` (they hold configs/*.yaml), oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and any((p / "configs").glob("*.yaml")))
+
+
+def base_config_problems(paths: Sequence[str]) -> list[str]:
+    """One line per ``--base`` config that is not a file, with the closest config beside where it was looked for."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_file():
+            continue
+        here = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        close = difflib.get_close_matches(path.name, here, n=1)
+        hint = (f"did you mean {path.parent / close[0]}?" if close else
+                f"configs there: {', '.join(here)}" if here else f"{path.parent} holds no configs")
+        found.append(f"--base {path}: no such file ({hint})")
+    return found
+
+
+def resume_problems(resume: str, logdir: str = "logs") -> list[str]:
+    """One line when ``-r`` is neither a run folder of main.py (``configs/*.yaml``, ``checkpoints/last.ckpt``) nor a
+    checkpoint in one (``<run>/checkpoints/<file>.ckpt``), saying which runs there are (``logdir``: main.py's ``-l``)."""
+    if not resume:
+        return []
+    path = Path(resume)
+    runs = _runs_in(Path(logdir))
+    newest = f"; the newest run in {logdir}/ is {runs[-1]}" if runs else ""
+    if not path.exists():
+        return [f"-r {resume}: no such run folder or checkpoint{newest}"]
+    run = path.parent.parent if path.is_file() else path
+    if not any((run / "configs").glob("*.yaml")):
+        inside = _runs_in(path) if path.is_dir() else []
+        if inside:
+            return [f"-r {resume} holds runs but is not one: give a run folder, e.g. -r {inside[-1]} (the newest)"]
+        what = "a checkpoint in <run>/checkpoints/" if path.is_file() else "a run folder of main.py"
+        return [f"-r {resume} is not {what} ({run / 'configs'} holds no *.yaml): -r takes a run folder "
+                f"{logdir}/<time>_<config> or a checkpoint in its checkpoints/{newest}"]
+    ckpt = path if path.is_file() else run / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        from adapters.runtime.run_guard import CRASH  # kept apart on purpose: resumed from only when asked
+
+        others = sorted(p for p in (run / "checkpoints").glob("*.ckpt") if p.name != CRASH)
+        hint = (f"resume from one of its checkpoints, e.g. -r {others[-1]}" if others else
+                "it saved no checkpoint: start it again with --base <its config>")
+        return [f"-r {resume}: {ckpt} does not exist ({hint})"]
+    return []
+
+
+def exit_on_command_line_problems(base: Sequence[str], resume: str, logdir: str = "logs",
+                                  prog: str = "main.py") -> None:
+    """latent-diffusion's ``main.py``, before it reads any config: each ``--base``/``-r`` problem as one line on
+    stderr, exit 1 (upstream: a FileNotFoundError, ValueError or missing ``model`` key in a traceback)."""
+    found = base_config_problems(base) + resume_problems(resume, logdir)
+    if found:
+        _exit(found, prog)
+
+
 def _dataset_configs(data_config: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     params = data_config.get("params") or {}
     return {split: params[split] for split in ("train", "validation", "test")
@@ -80,7 +173,7 @@ def _dataset_configs(data_config: Mapping[str, Any]) -> dict[str, Mapping[str, A
 
 
 def _import(target: str) -> Any:
-    module, _, name = str(target).rpartition(".")
+    module, _, name = canonical_target(str(target)).rpartition(".")  # a saved config may name an old path
     return getattr(importlib.import_module(module), name)
 
 
@@ -266,7 +359,7 @@ def _exit(found: list[str], prog: str, hint: Optional[str] = None) -> None:
 
 def problems(config: Mapping[str, Any], trainer_config: Mapping[str, Any]) -> list[str]:
     """Every problem found in a merged latent-diffusion config (``model``, ``data``) and its trainer options."""
-    found = gpu_problems(trainer_config)
+    found = trainer_problems(trainer_config) + gpu_problems(trainer_config)
     if "data" in config:
         found += data_problems(config["data"])
     if "model" in config:
@@ -275,12 +368,16 @@ def problems(config: Mapping[str, Any], trainer_config: Mapping[str, Any]) -> li
 
 
 def exit_on_problems(config: Mapping[str, Any], trainer_config: Mapping[str, Any], prog: str = "main.py") -> None:
-    """Print each problem as ``<prog>: <problem>`` on stderr and exit 1; return when there is none."""
+    """Print each problem as ``<prog>: <problem>`` on stderr and exit 1; return when there is none (after printing
+    the notes, :func:`gpu_notes`, the same way)."""
+    for line in gpu_notes(trainer_config):
+        print(f"{prog}: {line}", file=sys.stderr)
     found = problems(config, trainer_config)
     if found:
         _exit(found, prog)
 
 
-__all__ = ["PERCEPTUAL_OVERRIDE", "data_problems", "enhancing_gpu_problems", "enhancing_lpips_problems",
-           "enhancing_problems", "exit_on_enhancing_problems", "exit_on_missing_config", "exit_on_problems",
-           "gpu_problems", "lpips_problems", "problems", "with_option"]
+__all__ = ["PERCEPTUAL_OVERRIDE", "base_config_problems", "data_problems", "enhancing_gpu_problems",
+           "enhancing_lpips_problems", "enhancing_problems", "exit_on_command_line_problems",
+           "exit_on_enhancing_problems", "exit_on_missing_config", "exit_on_problems", "gpu_notes", "gpu_problems",
+           "lpips_problems", "problems", "resume_problems", "trainer_problems", "with_option"]

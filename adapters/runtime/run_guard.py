@@ -296,7 +296,8 @@ class RunGuard(pl.Callback):
         io = self._io(trainer)
         if io is not None:
             io.refusal = None
-        trainer.save_checkpoint(os.path.join(self.dirpath, filename))
+        # the whole state (weights_only=False), said explicitly: unset, Lightning logs "`weights_only` was not set"
+        trainer.save_checkpoint(os.path.join(self.dirpath, filename), weights_only=False)
         self._saved_step = trainer.global_step
         return io is None or io.refusal is None
 
