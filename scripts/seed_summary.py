@@ -16,6 +16,7 @@ each record (``training_curves``, written by ``--embed-curves`` while the run fo
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from adapters import canonical_target  # noqa: E402
+from adapters import canonical_targets  # noqa: E402
 from adapters.evaluation.records import dumps_record  # noqa: E402
 
 # metric key -> (column title, True if higher is better, format)
@@ -78,12 +79,9 @@ def family_of(row: str) -> Optional[str]:
 
 
 def _canonical(node: Any) -> Any:
-    """A config with every ``target:`` on its current module path: a record written before the layout moved
+    """A copy of a config with every ``target:`` on its current module path: a record written before the layout moved
     (``adapters.ldm.RotationVQModel``) names the same class as one written after."""
-    if isinstance(node, dict):
-        return {k: canonical_target(v) if k == "target" and isinstance(v, str) else _canonical(v)
-                for k, v in node.items()}
-    return [_canonical(v) for v in node] if isinstance(node, list) else node
+    return canonical_targets(copy.deepcopy(node))
 
 
 def config_fingerprint(rec: Mapping[str, Any]) -> str:
