@@ -123,7 +123,8 @@ def main() -> None:
     # One entry per config given (the same file twice is an A/A check of the noise).
     cfgs = [OmegaConf.merge(load_config(c), OmegaConf.from_dotlist(args.override), OmegaConf.from_dotlist(extra))
             for c, extra in entries]
-    names = [c.name + ("@" + ",".join(kv.rsplit(".", 1)[-1] for kv in extra) if extra else "")
+    names = [c.name + ("@" + ",".join(kv.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + kv.split("=", 1)[1]
+                                      for kv in extra) if extra else "")
              for c, extra in entries]
     codebase = detect_codebase(dict(zip(names, cfgs)))
     if args.batch_size:
