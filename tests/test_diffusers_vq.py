@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from adapters import swap_quantizers
 from adapters.integrations.swap import DiffusersRotationQuantizer
@@ -106,6 +108,7 @@ def test_training_script_trains_logs_saves_images_and_a_loadable_model(tmp_path:
                 "train/dead_codes"} <= set(row)
     assert "val/psnr" in rows[-1] and "val/codebook_usage" in rows[-1]
     assert (out / "images" / "recon_000004.png").is_file()
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     assert f"model: {out / 'model'}" in r.stdout and "step 2: loss " in r.stdout
     loaded = diffusers.VQModel.from_pretrained(out / "model")
     assert loaded.config.num_vq_embeddings == 32
@@ -116,3 +119,199 @@ def test_training_script_refuses_a_missing_config_in_one_line(tmp_path: Path) ->
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip() == "train_diffusers_vq.py: --config 'nope.json' is neither small nor tiny nor a config.json file"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The training script's run folder: checkpoints, --resume, --overwrite, refusals (issue 23, items 2, 8 and 12)
+# --------------------------------------------------------------------------------------------------------------
+TINY = ["--config", "tiny", "--batch-size", "2", "--size", "16", "--val-images", "2", "--search", "blocked"]
+
+
+@pytest.fixture(scope="module")
+def script() -> Any:
+    """The training script as a module: its main() runs in this process (no interpreter start per run)."""
+    spec = importlib.util.spec_from_file_location("train_diffusers_vq", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run(script: Any, capsys, monkeypatch) -> Any:
+    """run(*argv) -> (exit code, stdout, stderr) of the script's main()."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the script leaves torch's threads alone
+
+    def call(*argv: str) -> tuple[int, str, str]:
+        try:
+            script.main([str(a) for a in argv])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+def one_line(err: str) -> str:
+    """The script's stderr when it holds one error line (else the assertion shows all of it)."""
+    lines = [line for line in err.strip().splitlines() if line.startswith("train_diffusers_vq.py: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def rows(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return diffusers.VQModel.from_pretrained(folder).state_dict()
+
+
+def test_resume_continues_a_stopped_run_exactly(tmp_path: Path, script: Any, run: Any, monkeypatch) -> None:
+    """A run stopped during step 5 (checkpoint at 4, log lines at 3 and 6: the line at 6 averages steps on both
+    sides of the stop) and resumed ends with the metrics, pictures and weights of a run never stopped."""
+    common = [*TINY, "--steps", "6", "--log-every", "3", "--image-every", "3", "--checkpoint-every", "2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run("--out", straight, *common)[0] == 0
+    blob = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    assert blob["global_step"] == 6 and {"state_dict", "optimizer", "rng", "log", "args"} <= set(blob)
+
+    item = script.TrainStream.__getitem__
+
+    def ctrl_c_in_step_5(self: Any, g: int) -> Any:
+        if g == 4 * 2:  # the first sample of batch 5 (batch size 2)
+            raise KeyboardInterrupt
+        return item(self, g)
+
+    monkeypatch.setattr(script.TrainStream, "__getitem__", ctrl_c_in_step_5)
+    code, _, err = run("--out", stopped, *common)
+    assert code == 130 and one_line(err) == ("train_diffusers_vq.py: interrupted at step 4; last.ckpt holds step 4: "
+                                            "--resume continues from it")
+    monkeypatch.setattr(script.TrainStream, "__getitem__", item)
+    assert not (stopped / "model").exists()
+    # what a stop after the checkpoint leaves: later metrics lines (one cut short) and pictures
+    with (stopped / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "train/loss": 9.0}\n{"step": 6, "train/lo')
+    (stopped / "images" / "recon_000006.png").write_bytes(b"stale")
+
+    code, out, err = run("--out", stopped, *common, "--resume")
+    assert code == 0, err
+    assert "resuming at step 4" in out and f"reconstructions: {stopped / 'images' / 'recon_000006.png'}" in out
+    assert rows(stopped) == rows(straight) and [r["step"] for r in rows(straight)] == [3, 6]
+    assert sorted(p.name for p in (stopped / "images").iterdir()) == ["recon_000003.png", "recon_000006.png"]
+    assert (stopped / "images" / "recon_000006.png").read_bytes() != b"stale"
+    a, b = weights(straight / "model"), weights(stopped / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # resuming a finished run changes nothing
+    files = [stopped / "metrics.jsonl", stopped / "checkpoints" / "last.ckpt",
+             stopped / "model" / "diffusion_pytorch_model.safetensors"]
+    before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
+    code, out, err = run("--out", stopped, *common, "--resume")
+    assert code == 0 and "nothing to train" in out, err
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
+    assert sorted(p.name for p in stopped.iterdir()) == ["args.json", "checkpoints", "images", "metrics.jsonl",
+                                                          "model"]
+
+
+def test_a_used_out_is_refused_without_resume_or_overwrite(tmp_path: Path, run: Any) -> None:
+    out = tmp_path / "run"
+    assert run("--out", out, *TINY, "--steps", "2")[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    cases = [
+        ([], "is not empty (args.json, checkpoints, images, metrics.jsonl, ...): --resume continues the run in it, "
+             "--overwrite replaces its outputs, or name another --out"),
+        (["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite replaces it: pass one of them"),
+        (["--resume", "--lr", "0.01"], "was trained with --lr 0.0004 (now 0.01): pass the run's own options"),
+    ]
+    for extra, message in cases:
+        code, _, err = run("--out", out, *TINY, "--steps", "4", *extra)
+        assert code == 1 and message in one_line(err), err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    code, _, err = run("--out", tmp_path / "new", *TINY, "--resume")
+    assert code == 1 and "there is no" in one_line(err) and "start without --resume" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_overwrite_replaces_the_outputs_and_the_summary_names_this_runs_picture(tmp_path: Path, run: Any) -> None:
+    out = tmp_path / "run"
+    (tmp_path / "run").mkdir()
+    (out / "notes.txt").write_text("mine")  # not the script's: --overwrite leaves it
+    code, _, err = run("--out", out, *TINY, "--steps", "4", "--image-every", "2")
+    assert code == 1 and "is not empty (notes.txt)" in one_line(err)
+    assert run("--out", out, *TINY, "--steps", "4", "--image-every", "2", "--overwrite")[0] == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["recon_000002.png", "recon_000004.png"]
+    code, stdout, _ = run("--out", out, *TINY, "--steps", "2", "--image-every", "2", "--overwrite")
+    assert code == 0 and f"reconstructions: {out / 'images' / 'recon_000002.png'}" in stdout
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["recon_000002.png"]
+    assert [r["step"] for r in rows(out)] == [2] and (out / "notes.txt").read_text() == "mine"
+    row = rows(out)[-1]
+    assert f"held-out PSNR {row['val/psnr']:.2f} dB at step 2 (a flat mean-colour image: " in stdout
+
+
+def test_a_non_finite_stop_leaves_no_old_model_beside_the_new_metrics(tmp_path: Path, run: Any) -> None:
+    out = tmp_path / "run"
+    assert run("--out", out, *TINY, "--steps", "2")[0] == 0 and (out / "model").is_dir()
+    code, _, err = run("--out", out, *TINY, "--steps", "6", "--lr", "1e30", "--log-every", "1", "--overwrite")
+    line = one_line(err)
+    assert code == 1 and "the loss is nan at step " in line and "lower --lr and start again with --overwrite" in line
+    stop = int(line.split("at step ")[1].split()[0])
+    assert not (out / "model").exists()
+    assert [r["step"] for r in rows(out)] == list(range(1, stop))
+
+
+def test_pretrained_with_kmeans_init_is_refused(tmp_path: Path, run: Any) -> None:
+    tiny_vqmodel().save_pretrained(tmp_path / "pretrained")
+    code, _, err = run("--out", tmp_path / "run", "--pretrained", tmp_path / "pretrained", "--codebook-init", "kmeans",
+                       *TINY[2:], "--steps", "2")
+    assert code == 1 and one_line(err) == (
+        "train_diffusers_vq.py: --codebook-init kmeans re-initialises the codebook, but --pretrained brings a "
+        "trained one, which is never re-initialised: drop --codebook-init kmeans to fine-tune it")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_default_codebook_init_keeps_a_pretrained_codebook(tmp_path: Path, run: Any) -> None:
+    """--codebook-init auto (the default) is k-means from scratch only: a fine-tuned model starts from its own
+    codebook (at --lr 0 the saved codebook is the pretrained one, bit for bit)."""
+    pretrained = tiny_vqmodel()
+    pretrained.save_pretrained(tmp_path / "pretrained")
+    code, out, err = run("--out", tmp_path / "run", "--pretrained", tmp_path / "pretrained", *TINY[2:], "--steps", "1",
+                         "--lr", "0")
+    assert code == 0 and "codebook init upstream" in out and "codebook_init kmeans" not in out, err
+    assert torch.equal(weights(tmp_path / "run" / "model")["quantize.embedding.weight"],
+                       pretrained.quantize.embedding.weight.detach())
+    code, out, _ = run("--out", tmp_path / "scratch", *TINY, "--steps", "1")
+    assert code == 0 and "codebook init kmeans" in out and "codebook_init kmeans: 32 codes from 128" in out
+
+
+def test_a_wrong_pretrained_path_ends_in_one_line_without_a_download(tmp_path: Path, run: Any, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "empty").mkdir(parents=True)
+    for name, message in ((tmp_path / "nope", "no such folder"), ("runs/nope", "no such folder"),
+                          ("runs/empty", "no config.json in runs/empty: name a save_pretrained folder")):
+        code, _, err = run("--out", tmp_path / "run", "--pretrained", name, *TINY[2:], "--steps", "2")
+        assert code == 1 and f"--pretrained {name}: {message}" in one_line(err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no --out folder left behind
+    # a hub id (org/name): with the hub offline, one line too, from a fresh process (the hub reads its mode at import)
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "run"), "--pretrained",
+                        "nobody-here/no-such-vqmodel", *TINY[2:]], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and one_line(r.stderr).startswith(
+        "train_diffusers_vq.py: --pretrained nobody-here/no-such-vqmodel: not a folder here, and the Hugging Face hub "
+        "did not give it: "), r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_training_stream_is_the_same_whatever_the_workers_and_the_start(script: Any) -> None:
+    from adapters.evaluation.data import PhotoCrops
+
+    base = PhotoCrops(size=16, length=6, photos="train", random_crop=True, layout="chw")
+    stream = script.TrainStream(base, seed=3, batch_size=4)  # 4 samples per epoch (whole batches of 4)
+    first = [stream[g]["image"] for g in range(12)]
+    torch.manual_seed(123)  # the global RNG plays no part
+    again = [stream[g]["image"] for g in range(12)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(torch.stack(first[:4]), torch.stack(first[4:8]))  # epochs differ (order, crops)
+    loader = DataLoader(stream, batch_size=4, sampler=range(4, 12), num_workers=2)
+    assert torch.equal(torch.cat([b["image"] for b in loader]), torch.stack(first[4:]))

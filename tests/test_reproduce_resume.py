@@ -173,11 +173,11 @@ def test_crash_checkpoints_are_never_resumed_unless_asked(tmp_path: Path) -> Non
 
 def test_stored_step_maps_the_file_instead_of_reading_its_tensors(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    sys.path.insert(0, str(ROOT / "scripts" / "lib"))
-    try:
-        import checkpoints
-    finally:
-        sys.path.pop(0)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_checkpoints", ROOT / "scripts" / "lib" / "checkpoints.py")
+    checkpoints = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checkpoints)
     torch.save({"global_step": 7, "state_dict": {"w": torch.zeros(1000)}}, tmp_path / "a.ckpt")
     seen = []
     real = torch.load

@@ -135,6 +135,83 @@ def test_weights_only_copy_command(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     blob = load_checkpoint(copy_path)  # the copy needs no opt-in
     assert set(blob) == {"state_dict", "global_step"} and blob["global_step"] == 5
+    # a second copy to the same OUT, and a copy onto IN itself: one line each, nothing written (issue 23, item 6)
+    before = copy_path.read_bytes(), ckpt.read_bytes()
+    for target, message in ((copy_path, f"{copy_path} exists: pass --overwrite"), (ckpt, f"{ckpt} is {ckpt} itself")):
+        again = subprocess.run([sys.executable, "-m", "adapters.runtime.safe_load", str(ckpt), str(target),
+                                "--trust-checkpoint"], env=env, capture_output=True, text=True, timeout=120)
+        lines = again.stderr.strip().splitlines()
+        assert again.returncode == 2 and len(lines) == 1 and message in lines[0], again.stderr
+    assert (copy_path.read_bytes(), ckpt.read_bytes()) == before
+
+
+def _trusted_checkpoint(path: Path) -> bytes:
+    """A Lightning-like checkpoint with more than weights (what a weights-only copy drops); returns its bytes."""
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 5, "optimizer_states": [{"state": {}}]}, path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("how", ["same path", "symlink", "other spelling", "hard link"])
+def test_copy_refuses_to_write_over_its_input_even_with_overwrite(tmp_path: Path, how: str) -> None:
+    ckpt = tmp_path / "run.ckpt"
+    before = _trusted_checkpoint(ckpt)
+    target = {"same path": ckpt, "symlink": tmp_path / "link.ckpt", "hard link": tmp_path / "hard.ckpt",
+              "other spelling": tmp_path / "sub" / ".." / "run.ckpt"}[how]
+    if how == "symlink":
+        target.symlink_to(ckpt)
+    elif how == "hard link":
+        os.link(ckpt, target)
+    elif how == "other spelling":
+        (tmp_path / "sub").mkdir()
+    with pytest.raises(UserError, match=r"itself: the copy keeps the weights only"):
+        safe_load.main([str(ckpt), str(target), "--trust-checkpoint", "--overwrite"])
+    assert ckpt.read_bytes() == before and set(load_checkpoint(ckpt)) == {"state_dict", "global_step",
+                                                                          "optimizer_states"}
+
+
+def test_copy_replaces_an_existing_out_only_with_overwrite(tmp_path: Path) -> None:
+    ckpt, target = tmp_path / "run.ckpt", tmp_path / "copy.ckpt"
+    _trusted_checkpoint(ckpt)
+    target.write_bytes(b"an earlier file")
+    with pytest.raises(UserError, match=r"copy\.ckpt exists: pass --overwrite to replace it"):
+        safe_load.main([str(ckpt), str(target), "--trust-checkpoint"])
+    assert target.read_bytes() == b"an earlier file"
+    with pytest.raises(UserError, match="is a folder"):
+        safe_load.main([str(ckpt), str(tmp_path), "--trust-checkpoint", "--overwrite"])
+    safe_load.main([str(ckpt), str(target), "--trust-checkpoint", "--overwrite"])
+    assert set(load_checkpoint(target)) == {"state_dict", "global_step"}
+
+
+def test_copy_is_written_atomically(tmp_path: Path, monkeypatch) -> None:
+    """A write that fails half-way (disk full, a kill) leaves no half file at OUT, an old OUT whole, and no
+    temporary file behind."""
+    ckpt, target, older = tmp_path / "run.ckpt", tmp_path / "copy.ckpt", tmp_path / "older.ckpt"
+    _trusted_checkpoint(ckpt)
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, older)
+    before = older.read_bytes()
+
+    def half_written(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        handle = open(f, "wb") if isinstance(f, (str, os.PathLike)) else f
+        handle.write(b"PK\x03\x04 half a file")
+        handle.flush()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        safe_load.main([str(ckpt), str(target), "--trust-checkpoint"])
+    assert not target.exists()
+    with pytest.raises(OSError, match="No space left"):
+        safe_load.main([str(ckpt), str(older), "--trust-checkpoint", "--overwrite"])
+    assert older.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["older.ckpt", "run.ckpt"]
+
+
+def test_copy_refuses_non_finite_weights_in_one_line(tmp_path: Path) -> None:
+    ckpt, target = tmp_path / "run.ckpt", tmp_path / "copy.ckpt"
+    torch.save({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, ckpt)
+    with pytest.raises(ValueError, match=r"holds non-finite weights \(w\): no copy written"):
+        safe_load.main([str(ckpt), str(target), "--trust-checkpoint"])
+    assert not target.exists()
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:

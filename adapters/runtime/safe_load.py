@@ -22,7 +22,9 @@ Not loadable without the opt-in: a ``defaultdict`` with items (torch sets items 
 OmegaConf pickles loads), structured-config dataclasses, enums, functions.
 
 ``python -m adapters.runtime.safe_load IN.ckpt OUT.ckpt --trust-checkpoint`` writes a weights-only copy of a checkpoint
-you trust (``state_dict``, ``global_step``, ``epoch``), which then loads everywhere without the opt-in.
+you trust (``state_dict``, ``global_step``, ``epoch``), which then loads everywhere without the opt-in. It refuses an
+OUT that is IN (under any path) and an existing OUT without ``--overwrite``, and writes OUT atomically (a temporary file
+in OUT's folder, renamed over it).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from adapters.runtime.errors import UntrustedCheckpointError
+from adapters.runtime.errors import UntrustedCheckpointError, UserError
 
 # What the refusal tells a library caller to do; scripts and configs pass their own (a flag, a config key).
 DEFAULT_OPT_IN = ("write a weights-only copy once with `python -m adapters.runtime.safe_load <file> <copy.ckpt> "
@@ -227,26 +229,50 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, opt_in: str
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
+def _check_copy_target(source: Path, target: Path, overwrite: bool) -> None:
+    """Refuse a copy that would destroy ``source`` (the same file under any path: symlinks, hard links) or replace
+    an existing ``target`` without ``overwrite``."""
+    if target.is_dir():
+        raise UserError(f"{target} is a folder: name the copy's file")
+    if not (target.exists() or target.is_symlink()):
+        return
+    if source.exists() and os.path.samefile(source, target):
+        raise UserError(f"{target} is {source} itself: the copy keeps the weights only, so writing it there would "
+                        "lose the rest of the checkpoint (optimizer and scheduler state): name another file")
+    if not overwrite:
+        raise UserError(f"{target} exists: pass --overwrite to replace it, or name another file")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m adapters.runtime.safe_load IN OUT --trust-checkpoint``: a weights-only copy of a trusted file."""
+    from adapters.runtime.run_guard import AtomicCheckpointIO, nonfinite_keys
+
     p = argparse.ArgumentParser(prog="python -m adapters.runtime.safe_load", description=main.__doc__)
     p.add_argument("checkpoint", help="the checkpoint to copy (loaded with weights_only=False if it needs to be)")
-    p.add_argument("out", help="where to write the copy: state_dict, global_step and epoch only")
+    p.add_argument("out", help="where to write the copy: state_dict, global_step and epoch only (never IN itself)")
     p.add_argument("--trust-checkpoint", action="store_true", required=True,
                    help="required: you trust the file, which may run code when loaded")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = p.parse_args(argv)
-    blob = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint, opt_in="pass --trust-checkpoint")
+    source, target = Path(args.checkpoint), Path(args.out)
+    _check_copy_target(source, target, args.overwrite)  # before loading: a refused copy reads nothing
+    blob = load_checkpoint(source, trust=args.trust_checkpoint, opt_in="pass --trust-checkpoint")
     sd = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"checkpoint {args.checkpoint} holds no state dict ('state_dict' of tensors)")
+        raise ValueError(f"checkpoint {source} holds no state dict ('state_dict' of tensors)")
+    bad = nonfinite_keys(sd)
+    if bad:  # the writer below refuses such weights (and would only warn): say it here, in one line
+        more = ", ..." if len(bad) == 3 else ""  # nonfinite_keys names at most 3
+        raise ValueError(f"checkpoint {source} holds non-finite weights ({', '.join(bad)}{more}): no copy written")
     copy = {"state_dict": dict(sd), **{k: blob[k] for k in ("global_step", "epoch") if k in blob}}
-    torch.save(copy, args.out)
-    print(f"{args.out}: {len(sd)} tensors from {args.checkpoint}, loadable with weights_only=True")
+    # temporary file in OUT's folder, then renamed over OUT: a failed or stopped write leaves OUT as it was
+    AtomicCheckpointIO().save_checkpoint(copy, target)
+    print(f"{target}: {len(sd)} tensors from {source}, loadable with weights_only=True")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, UntrustedCheckpointError) as err:
+    except (FileNotFoundError, ValueError, UserError) as err:
         print(f"safe_load: error: {err}", file=sys.stderr)
         sys.exit(2)
