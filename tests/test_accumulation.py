@@ -47,6 +47,9 @@ def build(kind: str, disc_start: int, lr: float = 1e-3, seed: int = 0, scheduler
 
         cfg = OmegaConf.load(CONFIGS / "tiny_rot_vitvqgan.yaml").model
         cfg.params.loss.params.disc_start = disc_start
+        # The config's k-means init fits the codebook to the first batch the quantizer sees, which is one micro-batch
+        # under accumulation and the whole window in the oracle: the draw, not accumulation, would differ.
+        cfg.params.quantizer.codebook_init = "upstream"
         if scheduler:
             cfg.params.scheduler = {"target": "enhancing.utils.scheduler.LambdaWarmUpCosineScheduler", "params": {
                 "warm_up_steps": 2, "max_decay_steps": 10, "min_": 0.1, "max_": 1.0, "start": 0.0}}

@@ -227,7 +227,7 @@ def test_vitvqgan_paper_command_on_a_cpu_machine_says_all_three_in_30_s(tmp_path
     assert "no ImageNet root: `export IMAGENET_ROOT=" in lines[1]
     assert "vgg16-397923af.pth" in lines[2] and "curl -L -o" in lines[2]
     assert lines[3].startswith("main.py: 3 problem(s) above; nothing was built")
-    assert "-c tiny_rot_vitvqgan -ng 0`" in lines[3]
+    assert "-c tiny_rot_vitvqgan -lr 3e-4 -e 30 -ng 0 -l csv`" in lines[3]  # the smoke run docs/vitvqgan.md gives
     assert not (tmp_path / "runs").exists()  # no run folder: nothing was built
     # The 30 s target holds on an idle machine (7 s of CPU time, nearly all of it importing torch and Lightning);
     # a machine busier than its cores stretches wall time by about load/cores.

@@ -149,8 +149,10 @@ def test_codebook_statistics_stay_out_of_the_state_dict_and_of_ddp_buffers() -> 
     _, model = upstream_and_ours("rotation_released")
     assert not any("stats" in n for n, _ in model.named_buffers())
     assert not any("stats" in n for n in model.state_dict())
-    model(torch.rand(2, 3, 16, 16))
-    assert int(model.code_stats.code_counts.sum()) == 2 * 16  # 2 images x 16 tokens
+    params = tiny_params()
+    size, tokens = params["image_size"], (params["image_size"] // params["patch_size"]) ** 2
+    model(torch.rand(2, 3, size, size))
+    assert int(model.code_stats.code_counts.sum()) == 2 * tokens  # 2 images x their tokens
     # not a module either: nothing DDP could broadcast (the tensors follow the device of the indices they count)
     assert not any("stats" in n for n, _ in model.named_modules())
 
@@ -286,3 +288,44 @@ def test_twin_configs_differ_only_in_the_estimator() -> None:
         assert a["model"]["params"].pop("gradient") == "rotation_released"
         assert b["model"]["params"].pop("gradient") == "ste"
         assert a == b
+
+
+def _codes_on_the_first_batch(name: str, codebook_init: str, seed: int = 0) -> int:
+    """Codes one training forward of the config's first batch of its own training crops uses (of n_embed)."""
+    from adapters.evaluation.data import PhotoCrops
+    from adapters.integrations.vitvqgan import RotationViTVQ
+
+    cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
+    params = OmegaConf.to_container(cfg.model.params)
+    params["loss"] = {"target": "enhancing.losses.vqperceptual.DummyLoss", "params": {}}
+    params["quantizer"]["codebook_init"] = codebook_init
+    torch.manual_seed(seed)
+    model = RotationViTVQ(**params).train()
+    data = PhotoCrops(**OmegaConf.to_container(cfg.dataset.params.train.params))
+    model(torch.stack([data[i]["image"] for i in range(cfg.dataset.params.batch_size)]))
+    return int((model.code_stats.code_counts > 0).sum())
+
+
+@pytest.mark.parametrize("name", ["tiny_rot_vitvqgan", "tiny_vitvqgan"])
+def test_tiny_configs_start_from_a_codebook_their_encoder_uses(name: str) -> None:
+    """Issue 23 item 12: the smoke run drew the same noise for every input because the untrained encoder's
+    l2-normalised outputs are nearly parallel, so upstream's N(0, 1) codebook served its first batch with ~10 of 64
+    codes and collapsed to 1-3. The tiny configs set codebook_init: kmeans, fitted to that first batch (1,024 vectors
+    at batch 16): it starts with (nearly) every code in use. The upstream draw is the witness that the cause is real."""
+    cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
+    n_embed = cfg.model.params.quantizer.n_embed
+    assert cfg.model.params.quantizer.codebook_init == "kmeans"
+    assert _codes_on_the_first_batch(name, "kmeans") >= 0.9 * n_embed
+    assert _codes_on_the_first_batch(name, "upstream") <= 0.4 * n_embed
+
+
+def test_tiny_smoke_run_command_and_steps_match_the_docs() -> None:
+    """docs/vitvqgan.md states PSNR, codebook usage and wall time for the command in the tiny configs' headers, at
+    960 steps: they hold for these settings only, so a change to the data, batch or command must change both."""
+    docs = (ROOT / "docs" / "vitvqgan.md").read_text()
+    for name in ("tiny_rot_vitvqgan", "tiny_vitvqgan"):
+        command = f"main.py -c {name} -lr 3e-4 -e 30 -ng 0 -l csv -m 8"
+        assert command in (CONFIGS / f"{name}.yaml").read_text() and command in docs
+        data = OmegaConf.load(CONFIGS / f"{name}.yaml").dataset.params
+        assert 30 * (data.train.params.length // data.batch_size) == 960
+    assert "960 steps" in docs

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from adapters.runtime.console import run_summary
 from conftest import ROOT, requires_enhancing
@@ -179,8 +180,10 @@ def test_cpu_run_then_resume_twice_in_the_same_run_folder(tmp_path: Path) -> Non
     assert sorted(p.name for p in logs.joinpath("tiny_vitvqgan").iterdir()) == ["a"]  # no new run folder
     second = run / "ckpt" / "tiny_vitvqgan-epoch=01.ckpt"
     assert sorted(p.name for p in (run / "ckpt").iterdir()) == [first.name, second.name]
-    assert torch.load(first, map_location="cpu", weights_only=False)["global_step"] == 8
-    assert torch.load(second, map_location="cpu", weights_only=False)["global_step"] == 16
+    data = OmegaConf.load(ROOT / "configs" / "tiny_vitvqgan.yaml").dataset.params
+    per_epoch = data.train.params.length // data.batch_size  # one global step per batch
+    assert torch.load(first, map_location="cpu", weights_only=False)["global_step"] == per_epoch
+    assert torch.load(second, map_location="cpu", weights_only=False)["global_step"] == 2 * per_epoch
     # the first start's CSV rows were kept (Lightning deletes metrics.csv), the resumed start wrote its own
     kept = sorted((run / "log" / "csv").glob("metrics-*.csv"))
     assert len(kept) == 1 and kept[0].read_text().splitlines() == rows

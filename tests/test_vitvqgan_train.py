@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import ENHANCING_TREE, ROOT, requires_enhancing
 
 pytestmark = [requires_enhancing, pytest.mark.slow]
 MAIN = ENHANCING_TREE / "main.py"
-TINY_STEPS_PER_EPOCH = 8  # configs/tiny_rot_vitvqgan.yaml: 32 photo crops per epoch, batch 4
-TOKENS = 16  # 16x16 images, patch 4
+TINY = OmegaConf.load(ROOT / "configs" / "tiny_rot_vitvqgan.yaml")
+BATCH = TINY.dataset.params.batch_size
+TINY_STEPS_PER_EPOCH = TINY.dataset.params.train.params.length // BATCH  # 512 photo crops per epoch, batch 16: 32
+TOKENS = (TINY.model.params.image_size // TINY.model.params.patch_size) ** 2  # 16x16 images, patch 2: 64
 
 
 def run_main(args: list[str], cwd: Path, run_id: str, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -115,8 +118,8 @@ def test_two_process_ddp_on_cpu_keeps_per_rank_statistics(tmp_path: Path) -> Non
     assert all(p["world"] == 2 for p in probes)
     for p in probes:
         assert p["local"] == p["expected"]
-        # DistributedSampler splits the 32 crops: 4 batches of 4 images x 16 tokens per rank.
-        assert sum(p["local"]) == TINY_STEPS_PER_EPOCH // 2 * 4 * TOKENS
+        # DistributedSampler splits the crops: half the epoch's batches per rank, BATCH images x TOKENS each.
+        assert sum(p["local"]) == TINY_STEPS_PER_EPOCH // 2 * BATCH * TOKENS
     summed = [a + b for a, b in zip(probes[0]["local"], probes[1]["local"])]
     assert probes[0]["total"] == summed and probes[1]["total"] == summed
     run_dirs = list((tmp_path / "experiments" / "probe").iterdir())
@@ -133,7 +136,8 @@ def test_vitvqgan_sigterm_saves_last_ckpt_and_exits_zero_then_resumes(tmp_path: 
     common = ["-c", "tiny_rot_vitvqgan", "-lr", "1e-4", "-ng", "0", "-l", "csv", "-b", "1000", "-o", str(out)]
     ckpt = out / "tiny_rot_vitvqgan" / "r" / "ckpt" / "last.ckpt"
     with log.open("w") as f:
-        # 8 steps per epoch; the tiny config saves last.ckpt every 50 steps, so the first save here is SIGTERM's
+        # TINY_STEPS_PER_EPOCH (32) steps per epoch and last.ckpt every run_guard.every_n_train_steps (100) steps in
+        # the tiny config, so the first save here is SIGTERM's
         proc = subprocess.Popen([sys.executable, str(ENHANCING_TREE / "main.py"), *common, "-e", "100"], cwd=ROOT,
                                 env=env, stdout=f, stderr=subprocess.STDOUT)
     end = time.time() + 240
@@ -143,7 +147,7 @@ def test_vitvqgan_sigterm_saves_last_ckpt_and_exits_zero_then_resumes(tmp_path: 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
     state = torch.load(ckpt, map_location="cpu", weights_only=False)  # written by this test
-    assert state["global_step"] > 8 and len(state["optimizer_states"]) == 2
+    assert state["global_step"] > TINY_STEPS_PER_EPOCH and len(state["optimizer_states"]) == 2
     resumed = subprocess.run([sys.executable, str(ENHANCING_TREE / "main.py"), *common, "-e", "3", "-r", str(ckpt)],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

@@ -344,7 +344,7 @@ def exit_on_enhancing_problems(config: Mapping[str, Any], num_gpus: int, config_
     argv = list(sys.argv[1:] if argv is None else argv)
     found = enhancing_problems(config, num_gpus, argv, config_name)
     if found:
-        tiny = _command(["-c", "tiny_rot_vitvqgan", "-ng", "0"]) if Path("configs/tiny_rot_vitvqgan.yaml").is_file() \
+        tiny = _command(["-c", "tiny_rot_vitvqgan", "-lr", "3e-4", "-e", "30", "-ng", "0", "-l", "csv"]) if Path("configs/tiny_rot_vitvqgan.yaml").is_file() \
             else None
         _exit(found, prog, f"an offline CPU run needing none of them: `{tiny}`" if tiny else None)
 
