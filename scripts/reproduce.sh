@@ -193,12 +193,17 @@ elif [[ "$SCALE" == small ]]; then
   # Issue 17's regime arm: one config, the STE row sets the estimator (the only difference).
   SPEC[vqgan_regime_ste]="ldm|configs/small_regime_vqgan.yaml|64x64x3|small VQGAN 128x3 regime (STE)|model.params.gradient=ste"
   SPEC[vqgan_regime_rot]="ldm|configs/small_regime_vqgan.yaml|64x64x3|small VQGAN 128x3 regime w/ rotation trick (released)|"
+  with_setting() {  # OVERRIDES FROM TO ROW...: add the overrides to each VQGAN row, and FROM -> TO in its label
+    local add="$1" from="$2" to="$3" r; shift 3
+    for r in "$@"; do
+      SPEC[$r]="${SPEC[$r]%|*}|${SPEC[$r]##*|} $add"
+      SPEC[$r]="${SPEC[$r]/"$from"/"$to"}"
+    done
+  }
   if [[ "$INIT" == kmeans ]]; then
     # VQGAN rows take the override; ViT-VQGAN configs name their base (configs/small_kmeans_*vitvqgan.yaml).
-    for r in vqgan_ste vqgan_rot vqgan_rot_paper vqgan_regime_ste vqgan_regime_rot; do
-      SPEC[$r]="${SPEC[$r]%|*}|${SPEC[$r]##*|} model.params.quantizer_config.codebook_init=kmeans"
-      SPEC[$r]="${SPEC[$r]/)|/, k-means init)|}"
-    done
+    with_setting "model.params.quantizer_config.codebook_init=kmeans" ")|" ", k-means init)|" \
+      vqgan_ste vqgan_rot vqgan_rot_paper vqgan_regime_ste vqgan_regime_rot
     SPEC[vit_ste]="enh|small_kmeans_vitvqgan||small ViT-VQGAN 8192x32 (STE, k-means init)|"
     SPEC[vit_rot]="enh|small_kmeans_rot_vitvqgan||small ViT-VQGAN 8192x32 w/ rotation trick (released, k-means init)|"
     unset 'SPEC[vit_rot_paper]'
@@ -213,10 +218,7 @@ elif [[ "$SCALE" == small ]]; then
       simvq) q="model.params.quantizer_config.codebook_param=simvq"; what="SimVQ" ;;
       residual) q=""; what="2 residual stages" ;;
     esac
-    for r in vqgan_ste vqgan_rot; do
-      SPEC[$r]="${SPEC[$r]%|*}|${SPEC[$r]##*|} $q"
-      SPEC[$r]="${SPEC[$r]/k-means init)|/k-means init, $what)|}"
-    done
+    with_setting "$q" "k-means init)|" "k-means init, $what)|" vqgan_ste vqgan_rot
     SPEC[vit_ste]="enh|small_kmeans_${REMEDY}_vitvqgan||small ViT-VQGAN 8192x32 (STE, k-means init, $what)|"
     SPEC[vit_rot]="enh|small_kmeans_${REMEDY}_rot_vitvqgan||small ViT-VQGAN 8192x32 w/ rotation trick (released, k-means init, $what)|"
     unset 'SPEC[vqgan_rot_paper]'

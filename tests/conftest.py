@@ -47,3 +47,15 @@ def pytest_configure(config: pytest.Config) -> None:
 for _tree, _present in ((LDM_TREE, HAS_LDM), (ENHANCING_TREE, HAS_ENHANCING)):
     if _present and str(_tree) not in sys.path:
         sys.path.append(str(_tree))
+
+
+def run_ranks(worker, out: Path, world: int = 2) -> None:
+    """Run ``worker(rank, world, port, str(out))`` in ``world`` spawned processes (a gloo group on a free local port)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(worker, args=(world, port, str(out)), nprocs=world, join=True, start_method="spawn")

@@ -3,16 +3,14 @@ codebook on every rank, Lloyd against a float64 oracle, vector-quantize-pytorch'
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from taming.modules.vqvae.quantize import VectorQuantizer2
 
-from conftest import requires_ldm
+from conftest import run_ranks, requires_ldm
 
 from adapters.quantizer import NormRotationQuantizer, RotationVectorQuantizer, kmeans_codebook
 from adapters.quantizer.kmeans import kmeans_pp_seed, lloyd
@@ -250,10 +248,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_ranks_agree_on_the_codebook(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    run_ranks(_ddp_worker, tmp_path)
     c0, c1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(c0, c1)
     # and it is rank 0's batch that set it (k-means on it fits rank 0's vectors better than rank 1's)
@@ -287,10 +282,7 @@ def _ddp_failure_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_kmeans_failure_on_rank_0_stops_every_rank(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ddp_failure_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    run_ranks(_ddp_failure_worker, tmp_path)
     r0, r1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
     assert r0.startswith("ValueError") and "no finite encoder output" in r0
     assert r1.startswith("RuntimeError") and "failed on rank 0" in r1

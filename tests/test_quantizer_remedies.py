@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from taming.modules.vqvae.quantize import VectorQuantizer2
 
-from conftest import requires_enhancing, requires_ldm
+from conftest import run_ranks, requires_enhancing, requires_ldm
 
 from adapters.quantizer import (GRADIENTS, NormRotationQuantizer, RotationVectorQuantizer, codebook_log_dict,
                                 codebook_updates_paused)
@@ -531,10 +529,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_ranks_agree_on_ema_codebook_and_restarts(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    run_ranks(_ddp_worker, tmp_path)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for name in r0:
         for key in r0[name]:
