@@ -62,6 +62,10 @@ def test_the_committed_report_matches_the_committed_summary() -> None:
     report, summary = ROOT / "docs" / "report" / "README.md", ROOT / "docs" / "report" / "effect" / "seeds.json"
     assert effect_report.main([str(summary), str(report), "--check"]) == 0, \
         f"regenerate with: python scripts/effect_report.py {summary.relative_to(ROOT)} {report.relative_to(ROOT)}"
+    remedies = ROOT / "docs" / "report" / "remedies" / "seeds.json"
+    assert effect_report.main([str(remedies), str(report), "--check", "--kind", "remedies"]) == 0, \
+        f"regenerate with: python scripts/effect_report.py {remedies.relative_to(ROOT)} {report.relative_to(ROOT)} " \
+        "--kind remedies"
 
 
 # --- the verdict rule (issue 24 item 5): one function, a 95% t interval, the sign count beside it ----------------
