@@ -49,10 +49,19 @@ def check_codebook_init(codebook_init: str) -> str:
     return codebook_init
 
 
+def derived_seed(run_seed: int, tag: int, step: Optional[int] = None) -> int:
+    """A seed of its own for one use of randomness (``tag``), from the run's seed (and a step): a fixed 64-bit mix
+    (golden-ratio multiplier), so that its stream is never the run's global stream replayed. Shared by the k-means
+    init and the dead-code restarts (``restarts.restart_seed``)."""
+    mixed = int(run_seed) * 0x9E3779B97F4A7C15 + int(tag)
+    if step is not None:
+        mixed += (int(step) + 1) * 0xBF58476D1CE4E5B9
+    return mixed % 2**63
+
+
 def kmeans_seed(run_seed: int) -> int:
-    """The k-means init's own seed from the run's: a fixed odd multiplier (golden ratio, 64 bit) so that its stream is
-    not the run's global stream replayed (which would tie the codebook to the first crops' draws)."""
-    return (int(run_seed) * 0x9E3779B97F4A7C15 + 0x6B6D65616E73) % 2**63
+    """The k-means init's own seed from the run's (which would otherwise tie the codebook to the first crops' draws)."""
+    return derived_seed(run_seed, 0x6B6D65616E73)
 
 
 def _nearest(x: Tensor, centres: Tensor) -> Tensor:

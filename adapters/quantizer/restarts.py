@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .kmeans import derived_seed
+
 
 def check_restarts(dead_code_threshold: float, dead_code_every: int) -> tuple[float, int]:
     """Return (threshold, every) if valid, else raise one ValueError naming the option and what it accepts."""
@@ -47,9 +49,9 @@ def check_restarts(dead_code_threshold: float, dead_code_every: int) -> tuple[fl
 
 
 def restart_seed(run_seed: int, step: int) -> int:
-    """The restart draws' seed at ``step``: a fixed 64-bit mix of the run's seed and the step (not the global
-    stream replayed, not the k-means init's seed)."""
-    return (int(run_seed) * 0x9E3779B97F4A7C15 + (int(step) + 1) * 0xBF58476D1CE4E5B9 + 0x72657374) % 2**63
+    """The restart draws' seed at ``step``: the run's seed and the step mixed (not the global stream replayed, not
+    the k-means init's seed)."""
+    return derived_seed(run_seed, 0x72657374, step)
 
 
 def pick_restarts(dead: Tensor, x: Tensor, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
