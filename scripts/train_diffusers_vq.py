@@ -28,13 +28,8 @@ and renamed, so the previous one stays whole until the new one is complete). ``-
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib
-import importlib.util
 import json
-import math
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -48,20 +43,14 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from adapters.evaluation.data import DataError  # noqa: E402
+from adapters.integrations.diffusers_vq import TrainStream, build_vqmodel, held_out  # noqa: E402
 from adapters.integrations.swap import swap_quantizers  # noqa: E402
-from adapters.quantizer import GRADIENTS, SEARCHES, CodebookStats, codebook_log_dict  # noqa: E402
+from adapters.quantizer import GRADIENTS, SEARCHES, codebook_log_dict  # noqa: E402
 from adapters.runtime.errors import UserError  # noqa: E402
 from adapters.runtime.run_guard import LAST, AtomicCheckpointIO  # noqa: E402
 from adapters.runtime.safe_load import load_checkpoint  # noqa: E402
 
 PROG = "train_diffusers_vq.py"
-# Built-in sizes: down/up blocks of these widths (all but the last halve the side), latent = 4 channels, codes of
-# dim 4. small: 64 px -> 16x16 latents, as configs/tiny_rot_vqgan.yaml (the README's diffusers section has what its
-# default run reaches: twice these widths, lr 1e-4, learnt less in 300 steps and took longer).
-PRESETS: dict[str, dict[str, Any]] = {
-    "small": dict(block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=32, num_vq_embeddings=1024),
-    "tiny": dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, num_vq_embeddings=32),
-}
 CHECKPOINT = Path("checkpoints") / LAST
 # What this script writes in --out: all that --overwrite removes (anything else there is left alone).
 OUTPUTS = ("model", "images", "checkpoints", "metrics.jsonl", "args.json")
@@ -120,15 +109,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def import_diffusers() -> Any:
-    """diffusers, or exit with the command that installs it. Imported by name: it is the optional ``diffusers``
-    extra, not a runtime or test dependency (tests/test_dependencies.py checks static imports against those)."""
-    try:
-        return importlib.import_module("diffusers")
-    except ModuleNotFoundError:
-        raise UserError(f"diffusers is not installed: pip install -e '.[diffusers]' (from {ROOT})") from None
-
-
 def check_out(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     """Refuse an --out that would lose or mix results; with --resume, its checkpoint (loaded weights-only)."""
     out = Path(args.out)
@@ -167,48 +147,10 @@ def check_out(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     return blob
 
 
-def load_pretrained(VQModel: Any, args: argparse.Namespace) -> Any:
-    """``VQModel.from_pretrained(--pretrained)``; what is wrong with the name in one line, before any download for
-    anything that cannot be a hub id (org/name whose org is not a local folder)."""
-    name, sub = args.pretrained, args.subfolder
-    path = Path(name).expanduser()
-    local = path.is_dir() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or path.parent.is_dir()
-    if local:
-        folder = path / sub if sub else path
-        if not path.is_dir():
-            what = "is a file, not a save_pretrained folder" if path.exists() else "no such folder"
-            raise UserError(f"--pretrained {name}: {what} (a hub id reads org/name)")
-        if not (folder / "config.json").is_file():
-            raise UserError(f"--pretrained {name}: no config.json in {folder}: name a save_pretrained folder"
-                            + ("" if sub else " (or pass --subfolder, e.g. vqvae, for one inside it)"))
-    try:  # without accelerate, diffusers warns at every load that it falls back to low_cpu_mem_usage=False
-        return VQModel.from_pretrained(str(path) if local else name, subfolder=sub,
-                                       low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
-    except (OSError, ValueError) as err:
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        where = "" if local else "not a folder here, and the Hugging Face hub did not give it: "
-        raise UserError(f"--pretrained {name}: {where}{detail}") from None
-
-
 def build_model(args: argparse.Namespace, config: Optional[dict[str, Any]] = None) -> Any:
     """The diffusers ``VQModel`` to train (not yet swapped); from ``config`` (a checkpoint's) when given."""
-    VQModel = import_diffusers().VQModel
-    if config is not None:
-        return VQModel.from_config(config)
-    if args.pretrained:
-        return load_pretrained(VQModel, args)
-    if args.config in PRESETS:
-        preset = dict(PRESETS[args.config])
-        widths = preset.pop("block_out_channels")
-        if args.codes is not None:
-            preset["num_vq_embeddings"] = args.codes
-        return VQModel(down_block_types=["DownEncoderBlock2D"] * len(widths),
-                       up_block_types=["UpDecoderBlock2D"] * len(widths), block_out_channels=widths,
-                       latent_channels=4, vq_embed_dim=4, sample_size=args.size, **preset)
-    path = Path(args.config)
-    if not path.is_file():
-        raise UserError(f"--config {args.config!r} is neither {' nor '.join(PRESETS)} nor a config.json file")
-    return VQModel.from_config(json.loads(path.read_text()))
+    return build_vqmodel(args.config, pretrained=args.pretrained, subfolder=args.subfolder, codes=args.codes,
+                         size=args.size, saved=config)
 
 
 def datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
@@ -226,33 +168,6 @@ def datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
                          scale_to=args.scale_to, seed=args.seed, layout="chw"))
 
 
-def _seed(*parts: Any) -> int:
-    """A 63-bit seed from ``parts`` (a hash: nearby steps and epochs get unrelated streams)."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-class TrainStream(Dataset):
-    """Sample g of the training stream (batch g // batch_size): each epoch a permutation of ``base`` seeded from
-    (seed, epoch), whole batches only, and torch's RNG (the random crops draw from it) seeded from (seed, g).
-
-    A pure function of g, unlike a shuffling DataLoader, whose order and crops follow the global RNG and the worker
-    seeds: so a resumed run, whatever its --num-workers, sees exactly the batches of a run never stopped."""
-
-    def __init__(self, base: Dataset, seed: int, batch_size: int) -> None:
-        self.base, self.seed = base, seed
-        self.per_epoch = len(base) // batch_size * batch_size  # type: ignore[arg-type]
-        self._perm: tuple[int, Optional[torch.Tensor]] = (-1, None)
-
-    def __getitem__(self, g: int) -> dict[str, Any]:
-        epoch, pos = divmod(g, self.per_epoch)
-        if self._perm[0] != epoch:
-            order = torch.randperm(len(self.base), generator=torch.Generator().manual_seed(_seed(self.seed, epoch)))
-            self._perm = (epoch, order)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed(self.seed, "sample", g))
-            return self.base[int(self._perm[1][pos])]  # type: ignore[index]
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -260,36 +175,6 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} but torch sees no GPU: use --device cpu")
     return device
-
-
-def psnr(mse: float) -> float:
-    return 10 * math.log10(1 / max(mse, 1e-12))
-
-
-@torch.no_grad()
-def held_out(model: Any, x: torch.Tensor, path: Path) -> dict[str, float]:
-    """Save inputs over reconstructions of held-out images x (B, 3, H, W) in [-1, 1]; their PSNR, a flat mean-colour
-    image's (each image's own mean colour: what a model that learnt nothing but colour reaches), codebook stats.
-
-    The training statistics are set aside meanwhile, so these images never count in them."""
-    from torchvision.utils import save_image
-
-    q, was_training = model.quantize, model.training
-    saved, q.stats = q.stats, CodebookStats(q.n_e)
-    model.eval()
-    try:
-        rec = model(x).sample.clamp(-1, 1)
-        stats = q.stats.compute(reset=False)
-    finally:
-        q.stats = saved
-        model.train(was_training)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat([x, rec]).float().cpu() * 0.5 + 0.5, path, nrow=x.shape[0])
-    flat = x.mean(dim=(2, 3), keepdim=True)
-    out = {"val/psnr": psnr(float(((rec - x) * 0.5).square().mean())),  # in [0, 1] units
-           "val/psnr_mean_colour": psnr(float(((flat - x) * 0.5).square().mean()))}
-    out.update({k: float(v) for k, v in codebook_log_dict(stats, "val").items()})
-    return out
 
 
 def resume_outputs(out: Path, step: int) -> None:
