@@ -69,6 +69,19 @@ def test_tiny_config_trains_checkpoints_and_resumes_at_the_same_step(tmp_path: P
     assert _logged_steps(run_dir, "version_0", "train/rec_loss_step") == [0, 1, 2]
     assert _logged_steps(run_dir, "version_1", "train/rec_loss_step") == [3]
 
+    # -n with -r: one line with a command going on in a new folder (patch 0024); that command does, from step 4
+    named = run_main(["-n", "moved", "-r", str(run_dir), "-t"], logs, timeout=120)
+    (line,) = [x for x in named.stderr.splitlines() if x.startswith("main.py: -n moved")]
+    assert named.returncode == 1 and "Traceback" not in named.stderr, named.stderr[-2000:]
+    command = line.split("drop -r: ", 1)[1].split()
+    assert command[:2] == ["--base", f"{run_dir / 'configs'}/*.yaml"] and command[-1] == str(ckpt)
+    configs = sorted(str(p) for p in (run_dir / "configs").glob("*.yaml"))
+    third = run_main(["--base", *configs, *command[2:], "-t", "lightning.trainer.max_steps=5", *FAST], logs)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    (moved,) = [p for p in logs.iterdir() if p.name.endswith("_moved")]
+    assert torch.load(moved / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 5
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 4  # the first run untouched
+
 
 def test_two_process_ddp_on_cpu_keeps_ranks_in_agreement(tmp_path: Path) -> None:
     probe = tmp_path / "probe"

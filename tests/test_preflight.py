@@ -247,3 +247,16 @@ def test_vitvqgan_missing_config_is_one_line(tmp_path: Path) -> None:
     (line,) = [line for line in res.stderr.splitlines() if line.startswith("main.py: ")]
     assert line.startswith("main.py: configs/rot_vitvqgan_smal.yaml not found (configs here: ")
     assert "rot_vitvqgan_small" in line
+
+
+def test_a_name_with_resume_is_one_line_with_the_command_for_a_new_folder(tmp_path: Path) -> None:
+    run = tmp_path / "logs" / "2026-01-01T00-00-00_tiny"
+    assert preflight.name_problems("", str(run)) == [] and preflight.name_problems("x", "") == []
+    (line,) = preflight.name_problems("x", str(run))
+    assert line.startswith(f"-n x with -r {run}: -r goes on in the run's own folder")
+    assert line.endswith(f"--base {run}/configs/*.yaml -n x --resume_from_checkpoint {run}/checkpoints/last.ckpt")
+    ckpt = run / "checkpoints" / "epoch=000001.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    (line,) = preflight.name_problems("x", str(ckpt))  # -r a checkpoint: its run's configs, that checkpoint
+    assert f"--base {run}/configs/*.yaml" in line and line.endswith(f"--resume_from_checkpoint {ckpt}")

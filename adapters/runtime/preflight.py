@@ -157,11 +157,24 @@ def resume_problems(resume: str, logdir: str = "logs") -> list[str]:
     return []
 
 
+def name_problems(name: str, resume: str) -> list[str]:
+    """One line for ``-n`` with ``-r``: ``-r`` goes on in the run's own folder, so a new name has no place; going on
+    from the run's checkpoint in a new folder is ``--base`` its saved configs with ``--resume_from_checkpoint``."""
+    if not (name and resume):
+        return []
+    path = Path(resume)
+    run = path.parent.parent if path.is_file() else path
+    ckpt = path if path.is_file() else run / "checkpoints" / "last.ckpt"
+    return [f"-n {name} with -r {resume}: -r goes on in the run's own folder ({run}), so it takes no new name; to "
+            f"go on from its checkpoint in a new folder, drop -r: --base {run / 'configs'}/*.yaml -n {name} "
+            f"--resume_from_checkpoint {ckpt}"]
+
+
 def exit_on_command_line_problems(base: Sequence[str], resume: str, logdir: str = "logs",
-                                  prog: str = "main.py") -> None:
-    """latent-diffusion's ``main.py``, before it reads any config: each ``--base``/``-r`` problem as one line on
-    stderr, exit 1 (upstream: a FileNotFoundError, ValueError or missing ``model`` key in a traceback)."""
-    found = base_config_problems(base) + resume_problems(resume, logdir)
+                                  prog: str = "main.py", name: str = "") -> None:
+    """latent-diffusion's ``main.py``, before it reads any config: each ``--base``/``-r``/``-n`` problem as one line
+    on stderr, exit 1 (upstream: a FileNotFoundError, ValueError or missing ``model`` key in a traceback)."""
+    found = base_config_problems(base) + resume_problems(resume, logdir) + name_problems(name, resume)
     if found:
         _exit(found, prog)
 
@@ -380,4 +393,4 @@ def exit_on_problems(config: Mapping[str, Any], trainer_config: Mapping[str, Any
 __all__ = ["PERCEPTUAL_OVERRIDE", "base_config_problems", "data_problems", "enhancing_gpu_problems",
            "enhancing_lpips_problems", "enhancing_problems", "exit_on_command_line_problems",
            "exit_on_enhancing_problems", "exit_on_missing_config", "exit_on_problems", "gpu_notes", "gpu_problems",
-           "lpips_problems", "problems", "resume_problems", "trainer_problems", "with_option"]
+           "lpips_problems", "name_problems", "problems", "resume_problems", "trainer_problems", "with_option"]
