@@ -46,6 +46,17 @@ def test_compact_form_is_the_same_json_on_few_lines() -> None:
     assert len(json.dumps(rec, indent=1).splitlines()) > 8192
 
 
+def test_a_verdict_with_its_words_is_one_line() -> None:
+    verdict = {"diffs": [0.1, -0.2], "mean": -0.05, "ci": [-1.0, 0.9], "signs": "1/2", "verdict": "too few seeds"}
+    summary = {"comparisons": [{"row": "a", "metrics": {"psnr": verdict, "ssim": dict(verdict)}}]}
+    lines = dumps_record(summary).splitlines()
+    assert json.loads("\n".join(lines)) == summary
+    assert sum('"verdict": "too few seeds"' in line for line in lines) == 2  # each verdict on the line of its metric
+    assert any(line.strip().startswith('"psnr": {"diffs"') for line in lines)
+    # shallower dicts keep one key per line (a record's top level, a comparison's own keys)
+    assert any(line.strip() == '"row": "a",' for line in lines)
+
+
 def _write(out: Path, seed: int, row: str, rec: dict, compact: bool) -> Path:
     f = out / f"seed_{seed}" / "results" / f"{row}.json"
     f.parent.mkdir(parents=True, exist_ok=True)
