@@ -30,7 +30,8 @@ INITS = {"upstream": "upstream"}  # every other label of the effect study used t
 ESTIMATORS = {"ste": "STE", "rot": "rotation (released)", "rot_paper": "rotation (paper)",
               "rot_stage": "rotation per stage"}
 # The remedies section (issue 24): a summary label -> the remedy its rows ran with; the plain labels are the baseline.
-REMEDIES = {"plain": "none", "ema_dead": "EMA + dead-code restarts", "ema": "EMA codebook", "simvq": "SimVQ",
+# (in the order the table lists them: the baseline first, then each remedy, the residual stages last)
+REMEDIES = {"plain": "none", "ema": "EMA codebook", "ema_dead": "EMA + dead-code restarts", "simvq": "SimVQ",
             "residual": "2 residual stages"}
 PLAIN = ("plain",)
 # The metrics of the MAIN table (all of seed_summary's but the per-element error) and of the VERDICTS table.
@@ -114,7 +115,11 @@ def remedy_main_table(summary: Mapping[str, Any]) -> list[str]:
     titles = [METRICS[m][0] for m in REMEDY_MAIN]
     lines = ["| codebook | remedy | estimator | seeds | " + " | ".join(titles) + " |",
              "|---|---|---|---|" + "---|" * len(REMEDY_MAIN)]
-    for row in ordered(list(summary["rows"])):
+    order = list(REMEDIES)
+    rows = ordered(list(summary["rows"]))  # family first, then the remedy in REMEDIES' order (stable: STE first)
+    rows.sort(key=lambda r: (family_of(r.split("/", 1)[-1]) != "vqgan", order.index(r.split("/", 1)[0])
+                             if r.split("/", 1)[0] in order else len(order)))
+    for row in rows:
         e = summary["rows"][row]
         seeds = sorted(map(str, e["per_seed"]), key=int)
         codebook, _, estimator = describe(row)
