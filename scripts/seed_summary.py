@@ -379,9 +379,13 @@ def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command:
             print(f"seed_summary: training curves kept in {path}", file=sys.stderr)
     digests = records_digest(rows)
     old = report / "seeds.json"
-    if old.is_file() and not overwrite and json.loads(old.read_text()).get("records") not in (None, digests):
-        raise SystemExit(f"seed_summary: {old} was made from other records; write to another folder, or add "
-                         "--overwrite to replace it")
+    # A summary that only grows (seeds or rows added beside its records, e.g. reproduce.sh --seeds 1 into the --out
+    # of --seeds 0) is rewritten; one that would lose or replace a record it was made from needs --overwrite.
+    kept = json.loads(old.read_text()).get("records") if old.is_file() else None
+    gone = sorted(set(kept or ()) - set(digests))
+    if gone and not overwrite:
+        raise SystemExit(f"seed_summary: {old} was made from other records ({len(gone)} of its {len(kept)} are not "
+                         "among these); write to another folder, or add --overwrite to replace it")
     report.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"command": command, "wall_seconds": wall_seconds, "records": digests, "rows": {},
                                "comparisons": [], "horizons": {}}

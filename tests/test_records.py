@@ -146,6 +146,18 @@ def test_an_existing_summary_is_not_overwritten_unasked(tmp_path: Path) -> None:
     _summary(tmp_path, recs, overwrite=True)
 
 
+def test_a_summary_grows_with_new_seeds_but_never_drops_a_record(tmp_path: Path) -> None:
+    recs = {(0, "vqgan_ste"): _record("vqgan_ste", "ste", 0), (0, "vqgan_rot"): _record("vqgan_rot", "rotation", 0)}
+    _summary(tmp_path, recs)
+    recs.update({(1, "vqgan_ste"): _record("vqgan_ste", "ste", 1), (1, "vqgan_rot"): _record("vqgan_rot", "rotation", 1)})
+    s = _summary(tmp_path, recs)  # seed 1 added beside seed 0 (reproduce.sh --seeds 1 into the same --out): rewritten
+    assert sorted(s["rows"]["vqgan_rot"]["per_seed"]) == [0, 1]
+    del recs[(1, "vqgan_rot")]
+    (tmp_path / "runs" / "seed_1" / "results" / "vqgan_rot.json").unlink()  # a record gone: the summary would lose it
+    with pytest.raises(SystemExit, match=r"other records \(1 of its 4 are not among these\).*--overwrite"):
+        _summary(tmp_path, recs)
+
+
 def test_cli_compares_the_same_row_across_labelled_runs(tmp_path: Path) -> None:
     for label, usage in (("kmeans", 0.3), ("upstream", 0.01)):
         for row, grad in (("vqgan_ste", "ste"), ("vqgan_rot", "rotation_released")):
