@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_summary import FAMILIES, METRICS, family_of, fmt, interval_text  # noqa: E402
 
 CODEBOOKS = {"vqgan": "8192 x 3", "vqgan_regime": "128 x 3 (regime)", "vit": "ViT 8192 x 32"}
-INITS = {"upstream": "upstream"}  # every other label of the effect study used the k-means init
+# every other label of the effect study used the k-means init; the horizon pair (issue 24 item 3) is taming's init
+# trained 5x longer, and its table sits beside the 2,000-step rows of the same init
+INITS = {"upstream": "upstream", "upstream_10k": "upstream, 10,000-step run"}
 ESTIMATORS = {"ste": "STE", "rot": "rotation (released)", "rot_paper": "rotation (paper)",
               "rot_stage": "rotation per stage"}
 # The remedies section (issue 24): a summary label -> the remedy its rows ran with; the plain labels are the baseline.

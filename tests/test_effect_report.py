@@ -122,3 +122,10 @@ def test_remedies_tables_answer_the_users_questions(tmp_path: Path) -> None:
     # restarts (ema_dead STE) vs rotation (ema): usage differences +0.4, -0.4, +0.4 points: no clear difference
     line = next(x for x in blocks["REMEDIES_VERDICTS"] if "ema_dead/vqgan_ste - ema/vqgan_rot" in x)
     assert "**no clear difference**" in line.split("|")[3]
+
+
+def test_the_horizon_pair_is_named_apart_from_the_2000_step_rows_of_its_init() -> None:
+    assert effect_report.describe("upstream_10k/vqgan_rot") == ("8192 x 3", "upstream, 10,000-step run",
+                                                                "rotation (released)")
+    assert effect_report.describe("upstream/vqgan_rot")[1] == "upstream"
+    assert effect_report.describe("kmeans/vqgan_rot")[1] == "k-means"
