@@ -4,12 +4,13 @@
   python scripts/effect_report.py docs/report/effect/seeds.json docs/report/README.md           # rewrite the tables
   python scripts/effect_report.py docs/report/effect/seeds.json docs/report/README.md --check   # exit 1 if stale
   python scripts/effect_report.py docs/report/remedies/seeds.json docs/report/README.md --kind remedies
+  python scripts/effect_report.py docs/report/remedies/vqgan/seeds.json docs/report/README.md --kind remedies_vqgan
 
 The report keeps its prose by hand and its numbers here: each table sits between ``<!-- NAME -->`` and
 ``<!-- /NAME -->`` (MAIN: metrics at the last step, mean +- std over seeds; HORIZON: training curves at each horizon;
 VERDICTS: per pair the verdict of seed_summary's rule, the mean paired difference [95% t interval], the sign count
 and the differences per seed; with ``--kind remedies`` REMEDIES_MAIN and REMEDIES_VERDICTS, the collapse remedies'
-section, issue 24; with ``--kind horizon`` LONG_HORIZON and LONG_MAIN). ``--check`` is what the tests run, so
+section, issue 24, for the ViT-VQGAN, and with ``--kind remedies_vqgan`` REMEDIES_VQGAN_*, for the VQGAN; with ``--kind horizon`` LONG_HORIZON and LONG_MAIN). ``--check`` is what the tests run, so
 a summary that changed without its report (or the reverse) is caught.
 """
 from __future__ import annotations
@@ -160,9 +161,10 @@ def verdict_table(summary: Mapping[str, Any], keep: Any = None) -> list[str]:
 
 def tables(summary: Mapping[str, Any], kind: str = "effect") -> dict[str, list[str]]:
     """The marked blocks of the report made from one summary: the effect study's, or the remedies section's."""
-    if kind == "remedies":
-        return {"REMEDIES_MAIN": remedy_main_table(summary),
-                "REMEDIES_VERDICTS": verdict_table(summary, keep=remedy_question)}
+    if kind in ("remedies", "remedies_vqgan"):  # one summary per codebase (seed_summary --family)
+        name = "REMEDIES" if kind == "remedies" else "REMEDIES_VQGAN"
+        return {f"{name}_MAIN": remedy_main_table(summary),
+                f"{name}_VERDICTS": verdict_table(summary, keep=remedy_question)}
     if kind == "horizon":
         return {"LONG_HORIZON": horizon_table(summary), "LONG_MAIN": main_table(summary)}
     return {"MAIN": main_table(summary), "HORIZON": horizon_table(summary), "VERDICTS": verdict_table(summary)}
@@ -184,9 +186,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("summary", type=Path, help="seeds.json written by scripts/seed_summary.py")
     p.add_argument("report", type=Path, help="the Markdown report holding the marked tables")
     p.add_argument("--check", action="store_true", help="do not write; exit 1 if the report's tables are stale")
-    p.add_argument("--kind", choices=["effect", "remedies", "horizon"], default="effect",
-                   help="which blocks: effect (MAIN, HORIZON, VERDICTS), remedies (REMEDIES_MAIN, REMEDIES_VERDICTS) "
-                        "or horizon (LONG_HORIZON, LONG_MAIN)")
+    p.add_argument("--kind", choices=["effect", "remedies", "remedies_vqgan", "horizon"], default="effect",
+                   help="which blocks: effect (MAIN, HORIZON, VERDICTS), remedies (REMEDIES_MAIN, REMEDIES_VERDICTS: "
+                        "the ViT-VQGAN's), remedies_vqgan (REMEDIES_VQGAN_MAIN, REMEDIES_VQGAN_VERDICTS) or horizon "
+                        "(LONG_HORIZON, LONG_MAIN)")
     a = p.parse_args(argv)
     text = a.report.read_text()
     new = fill(text, tables(json.loads(a.summary.read_text()), a.kind))

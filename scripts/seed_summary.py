@@ -70,6 +70,10 @@ RULE = ("'better'/'worse' (for the first row of the pair) only when the 95% Stud
         "about one verdict in twenty among true null effects is expected to be spurious.")
 # The training curves kept per row: logged every few steps, stored and drawn as means over bins of CURVE_BIN steps.
 CURVES = ("codebook_usage", "quant_error")
+# The estimator, the one thing the arms of a comparison differ in: the gradient (both codebases' wrappers take it in
+# model.params), and with enhancing's residual stages where the rotation applies (an STE row has no scope, so
+# rotation per stage against STE is a pair too).
+ESTIMATOR_KEYS = ("model.params.gradient", "model.params.quantizer.rotation_scope")
 CURVE_BIN = 50
 
 
@@ -88,8 +92,13 @@ def config_fingerprint(rec: Mapping[str, Any]) -> str:
     """What must be equal for two records to be compared: the training config without the estimator (the one thing
     the arms of a comparison differ in), and the evaluation data. 12 hex digits of a sha256."""
     cfg = _canonical(json.loads(json.dumps(rec.get("config") or {}, default=str)))
-    params = (cfg.get("model") or {}).get("params") or {}
-    params.pop("gradient", None)
+    for key in ESTIMATOR_KEYS:  # popped in place, so a record without them hashes as it always did
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     data = {k: v for k, v in (rec.get("data") or {}).items() if k not in ("batch_size",)}
     blob = json.dumps({"config": cfg, "data": data}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -104,7 +113,7 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
 def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """Dotted config keys whose values differ between two records (the estimator aside)."""
     fa, fb = (_flat(_canonical(json.loads(json.dumps(r.get("config") or {}, default=str)))) for r in (a, b))
-    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k != "model.params.gradient")
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k not in ESTIMATOR_KEYS)
 
 
 def step_of(rec: Mapping[str, Any]) -> Optional[int]:
@@ -370,10 +379,12 @@ def records_digest(rows: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[
 def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command: Optional[str] = None,
               wall_seconds: Optional[float] = None, plots: bool = True, overwrite: bool = False,
               horizons: Sequence[int] = (), embed: bool = False,
-              extra_pairs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+              extra_pairs: Sequence[tuple[str, str]] = (), family: Optional[str] = None) -> dict[str, Any]:
     rows: dict[str, dict[int, dict[str, Any]]] = {}
     for label, out in outs:
         rows.update(collect(out, label))
+    if family:  # one codebase's rows (a study of both would pass the 1,000 lines a record may have)
+        rows = {r: v for r, v in rows.items() if family_of(r.split("/", 1)[-1]) == family}
     if embed:
         for path in embed_curves(rows):
             print(f"seed_summary: training curves kept in {path}", file=sys.stderr)
@@ -472,6 +483,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                                                "rows, e.g. ema_dead/vqgan_ste:ema/vqgan_rot), paired by seed")
     p.add_argument("--horizons", default="", help="training steps at which to read every row's training curves, "
                                                   "e.g. 200,2000 (the mean over the 50 steps up to each)")
+    p.add_argument("--family", choices=sorted(FAMILIES), default=None,
+                   help="only the rows of this codebase (e.g. vit: the remedies study's ViT-VQGAN summary)")
     a = p.parse_args(argv)
     outs = [(o.split("=", 1)[0], Path(o.split("=", 1)[1])) if "=" in o else (None, Path(o)) for o in a.outs]
     if len(outs) > 1 and any(label is None for label, _ in outs):
@@ -481,7 +494,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if any(len(x) != 2 for x in pairs):
         p.error("--pairs takes ROW_A:ROW_B,... (e.g. ema_dead/vqgan_ste:ema/vqgan_rot)")
     return summarise(outs, Path(a.report), a.command, a.wall_seconds, not a.no_plots, a.overwrite, horizons,
-                     a.embed_curves, pairs)
+                     a.embed_curves, pairs, a.family)
 
 
 if __name__ == "__main__":

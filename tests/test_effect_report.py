@@ -62,10 +62,14 @@ def test_the_committed_report_matches_the_committed_summary() -> None:
     report, summary = ROOT / "docs" / "report" / "README.md", ROOT / "docs" / "report" / "effect" / "seeds.json"
     assert effect_report.main([str(summary), str(report), "--check"]) == 0, \
         f"regenerate with: python scripts/effect_report.py {summary.relative_to(ROOT)} {report.relative_to(ROOT)}"
-    remedies = ROOT / "docs" / "report" / "remedies" / "seeds.json"
-    assert effect_report.main([str(remedies), str(report), "--check", "--kind", "remedies"]) == 0, \
-        f"regenerate with: python scripts/effect_report.py {remedies.relative_to(ROOT)} {report.relative_to(ROOT)} " \
-        "--kind remedies"
+    for kind, summary in (("remedies", "remedies/seeds.json"), ("remedies_vqgan", "remedies/vqgan/seeds.json"),
+                          ("horizon", "effect/horizon/seeds.json")):
+        path = ROOT / "docs" / "report" / summary
+        if kind != "remedies" and not path.is_file():
+            continue  # a section whose runs have not landed yet
+        assert effect_report.main([str(path), str(report), "--check", "--kind", kind]) == 0, \
+            f"regenerate with: python scripts/effect_report.py {path.relative_to(ROOT)} {report.relative_to(ROOT)} " \
+            f"--kind {kind}"
 
 
 # --- the verdict rule (issue 24 item 5): one function, a 95% t interval, the sign count beside it ----------------
@@ -122,6 +126,30 @@ def test_remedies_tables_answer_the_users_questions(tmp_path: Path) -> None:
     # restarts (ema_dead STE) vs rotation (ema): usage differences +0.4, -0.4, +0.4 points: no clear difference
     line = next(x for x in blocks["REMEDIES_VERDICTS"] if "ema_dead/vqgan_ste - ema/vqgan_rot" in x)
     assert "**no clear difference**" in line.split("|")[3]
+
+
+def test_one_summary_per_codebase_fills_its_own_blocks(tmp_path: Path) -> None:
+    """seed_summary --family keeps one codebase's rows (the remedies study of both would pass 1,000 lines); the VQGAN
+    summary fills REMEDIES_VQGAN_* and leaves the ViT-VQGAN's REMEDIES_* as they are."""
+    for label in ("ema", "plain"):
+        for seed in (0, 1, 2):
+            for row, grad in (("vqgan_ste", "ste"), ("vqgan_rot", "rotation_released"), ("vit_ste", "ste")):
+                _write(tmp_path / label, seed, row, _record(row, grad, seed, usage=0.05 + 0.01 * seed), compact=True)
+    outs = [f"{lb}={tmp_path / lb}" for lb in ("ema", "plain")]
+    s = seed_summary.main(outs + ["--out", str(tmp_path / "vq"), "--no-plots", "--family", "vqgan"])
+    assert sorted(s["rows"]) == ["ema/vqgan_rot", "ema/vqgan_ste", "plain/vqgan_rot", "plain/vqgan_ste"]
+    assert all("vit" not in c["row"] + c["baseline"] for c in s["comparisons"]) and s["comparisons"]
+    assert sorted(seed_summary.main(outs + ["--out", str(tmp_path / "vit"), "--no-plots", "--family", "vit"])[
+        "rows"]) == ["ema/vit_ste", "plain/vit_ste"]
+    report = tmp_path / "README.md"
+    report.write_text("<!-- REMEDIES_MAIN -->\nkept\n<!-- /REMEDIES_MAIN -->\n<!-- REMEDIES_VQGAN_MAIN -->\n"
+                      "<!-- /REMEDIES_VQGAN_MAIN -->\n<!-- REMEDIES_VQGAN_VERDICTS -->\n<!-- /REMEDIES_VQGAN_VERDICTS -->\n")
+    summary = str(tmp_path / "vq" / "seeds.json")
+    assert effect_report.main([summary, str(report), "--kind", "remedies_vqgan"]) == 0
+    text = report.read_text()
+    assert "\nkept\n" in text and "| 8192 x 3 | EMA codebook | rotation (released) | 0,1,2 |" in text
+    assert "| ema/vqgan_rot - ema/vqgan_ste | 0,1,2 |" in text
+    assert effect_report.main([summary, str(report), "--check", "--kind", "remedies_vqgan"]) == 0
 
 
 def test_the_horizon_pair_is_named_apart_from_the_2000_step_rows_of_its_init() -> None:

@@ -2,6 +2,7 @@
 items 4 and 9): both record forms read the same, records at other steps or configs are never compared."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -246,6 +247,31 @@ def test_records_from_before_and_after_the_layout_move_are_compared(tmp_path: Pa
     assert seed_summary.config_diff(old, new) == []
     new["config"]["model"]["target"] = "adapters.integrations.ldm.GumbelVQModel"
     assert seed_summary.config_diff(old, new) == ["model.target"]
+
+
+def test_the_rotation_scope_is_part_of_the_estimator_and_nothing_else_is(tmp_path: Path) -> None:
+    """Residual stages: STE, rotation over the sum and rotation per stage differ only in the estimator (gradient and
+    ``rotation_scope``), so all three pairs are compared; a record without a scope hashes as before the key existed;
+    any other quantizer difference still keeps two rows apart."""
+    ste, total, stage = (_record(r, g, 0) for r, g in (("vit_ste", "ste"), ("vit_rot", "rotation_released"),
+                                                        ("vit_rot_stage", "rotation_released")))
+    for rec in (ste, total, stage):
+        rec["config"]["model"]["params"]["quantizer"] = {"num_quantizers": 2, "use_residual": True}
+    stage["config"]["model"]["params"]["quantizer"]["rotation_scope"] = "stage"
+    assert len({seed_summary.config_fingerprint(r) for r in (ste, total, stage)}) == 1
+    assert seed_summary.config_diff(stage, ste) == []
+    rows = {"vit_ste": {0: ste}, "vit_rot_stage": {0: stage}}
+    assert "not_comparable" not in seed_summary.compare(rows, "vit_rot_stage", "vit_ste", "m")
+    # the fingerprint as it was before the scope key (gradient popped, nothing else): committed summaries keep theirs
+    old = seed_summary._canonical(json.loads(json.dumps(total["config"])))
+    old["model"]["params"].pop("gradient")
+    data = {k: v for k, v in total["data"].items() if k != "batch_size"}
+    blob = json.dumps({"config": old, "data": data}, sort_keys=True)
+    assert seed_summary.config_fingerprint(total) == hashlib.sha256(blob.encode()).hexdigest()[:12]
+    stage["config"]["model"]["params"]["quantizer"]["num_quantizers"] = 3
+    assert seed_summary.config_diff(stage, ste) == ["model.params.quantizer.num_quantizers"]
+    assert "configs differ beyond the estimator" in seed_summary.compare(rows, "vit_rot_stage", "vit_ste", "m")[
+        "not_comparable"]
 
 
 def test_figures_training_curves_and_codebook_rank_frequency(tmp_path: Path) -> None:
