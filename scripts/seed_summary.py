@@ -379,12 +379,18 @@ def records_digest(rows: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[
 def summarise(outs: Sequence[tuple[Optional[str], Path]], report: Path, command: Optional[str] = None,
               wall_seconds: Optional[float] = None, plots: bool = True, overwrite: bool = False,
               horizons: Sequence[int] = (), embed: bool = False,
-              extra_pairs: Sequence[tuple[str, str]] = (), family: Optional[str] = None) -> dict[str, Any]:
+              extra_pairs: Sequence[tuple[str, str]] = (), family: Optional[str] = None,
+              seeds: Optional[Sequence[int]] = None) -> dict[str, Any]:
     rows: dict[str, dict[int, dict[str, Any]]] = {}
     for label, out in outs:
         rows.update(collect(out, label))
     if family:  # one codebase's rows (a study of both would pass the 1,000 lines a record may have)
         rows = {r: v for r, v in rows.items() if family_of(r.split("/", 1)[-1]) == family}
+    if seeds is not None:  # the same seeds in every row, so that means and differences are over one seed set
+        rows = {r: kept for r, v in rows.items() if (kept := {s: rec for s, rec in v.items() if s in seeds})}
+        if not rows:
+            raise SystemExit(f"seed_summary: no record of seeds {','.join(map(str, seeds))} in "
+                             + ", ".join(str(out) for _, out in outs) + "; check --seeds")
     if embed:
         for path in embed_curves(rows):
             print(f"seed_summary: training curves kept in {path}", file=sys.stderr)
@@ -485,6 +491,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                                                   "e.g. 200,2000 (the mean over the 50 steps up to each)")
     p.add_argument("--family", choices=sorted(FAMILIES), default=None,
                    help="only the rows of this codebase (e.g. vit: the remedies study's ViT-VQGAN summary)")
+    p.add_argument("--seeds", default=None, help="keep only these seeds, e.g. 10,11,12 (a baseline with more seeds "
+                                                "than the rows it is compared with)")
     a = p.parse_args(argv)
     outs = [(o.split("=", 1)[0], Path(o.split("=", 1)[1])) if "=" in o else (None, Path(o)) for o in a.outs]
     if len(outs) > 1 and any(label is None for label, _ in outs):
@@ -493,8 +501,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     pairs = [tuple(x.split(":", 1)) for x in a.pairs.split(",") if x]
     if any(len(x) != 2 for x in pairs):
         p.error("--pairs takes ROW_A:ROW_B,... (e.g. ema_dead/vqgan_ste:ema/vqgan_rot)")
+    try:
+        seeds = None if a.seeds is None else [int(s) for s in a.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds takes whole numbers separated by commas (e.g. 10,11,12), got {a.seeds!r}")
     return summarise(outs, Path(a.report), a.command, a.wall_seconds, not a.no_plots, a.overwrite, horizons,
-                     a.embed_curves, pairs, a.family)
+                     a.embed_curves, pairs, a.family, seeds)
 
 
 if __name__ == "__main__":

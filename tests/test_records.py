@@ -181,6 +181,33 @@ def test_cli_compares_the_same_row_across_labelled_runs(tmp_path: Path) -> None:
     assert "configs differ in model.params.quantizer_config.codebook_init" in (tmp_path / "r" / "seeds.md").read_text()
 
 
+def test_seeds_keeps_one_seed_set_in_every_row_and_refuses_none(tmp_path: Path) -> None:
+    """A baseline with 5 seeds beside remedy rows with 3: --seeds 1,2,3 makes every mean and pair over those 3."""
+    for seed in range(5):
+        for row, grad in (("vqgan_ste", "ste"), ("vqgan_rot", "rotation_released")):
+            _write(tmp_path / "plain", seed, row, _record(row, grad, seed, usage=0.1 + 0.01 * seed ** 2), compact=True)
+    for seed in (1, 2, 3):
+        _write(tmp_path / "ema", seed, "vqgan_ste", _record("vqgan_ste", "ste", seed, usage=0.2), compact=True)
+    script = [sys.executable, str(ROOT / "scripts" / "seed_summary.py"), f"plain={tmp_path / 'plain'}",
+              f"ema={tmp_path / 'ema'}", "--no-plots"]
+    res = subprocess.run(script + ["--out", str(tmp_path / "r"), "--seeds", "1,2,3"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    s = json.loads((tmp_path / "r" / "seeds.json").read_text())
+    assert {r: sorted(map(int, e["per_seed"])) for r, e in s["rows"].items()} == {
+        "plain/vqgan_ste": [1, 2, 3], "plain/vqgan_rot": [1, 2, 3], "ema/vqgan_ste": [1, 2, 3]}
+    mean = s["rows"]["plain/vqgan_ste"]["mean_std"]["codebook_usage_per_batch"][0]
+    assert mean == pytest.approx((0.11 + 0.14 + 0.19) / 3)  # seeds 1, 2, 3 (all five: 0.16)
+    assert s["rows"]["plain/vqgan_ste"]["mean_std"]["codebook_usage_per_batch"][1] == pytest.approx(0.04041, abs=1e-4)
+    assert all(c["seeds"] == [1, 2, 3] for c in s["comparisons"] if "not_comparable" not in c)
+    res = subprocess.run(script + ["--out", str(tmp_path / "r2"), "--seeds", "7,8"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert res.returncode != 0 and "no record of seeds 7,8" in res.stderr and "--seeds" in res.stderr
+    res = subprocess.run(script + ["--out", str(tmp_path / "r3"), "--seeds", "1,x"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert res.returncode == 2 and "--seeds takes whole numbers" in res.stderr
+
+
 def _logged_runs(tmp_path: Path) -> dict:
     """Two seeds x (STE, rotation) records whose run folders log usage and quantization error at steps 9, 19, ...,
     1999, as Lightning does here (usage = scale * step / 1000 + seed / 100, error = 1 / step)."""
