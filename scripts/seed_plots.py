@@ -8,11 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-COLOURS = {"ste": "tab:blue", "rot": "tab:red", "rot_paper": "tab:green"}
-STYLES = ("-", "--", ":", "-.")
+COLOURS = {"ste": "tab:blue", "rot": "tab:red", "rot_paper": "tab:green", "rot_stage": "tab:purple"}
+# one line style per label (five remedies in the remedies study: a fifth style, not a repeat of the first)
+STYLES = ("-", "--", ":", "-.", (0, (6, 1, 1, 1, 1, 1)))
 
 
-def _styles(rows: Sequence[str]) -> dict[str, str]:
+def _styles(rows: Sequence[str]) -> dict[str, object]:
     labels = sorted({r.split("/")[0] for r in rows if "/" in r})
     return {r: dict(zip(labels, STYLES)).get(r.split("/")[0], "-") if "/" in r else "-" for r in rows}
 
@@ -40,7 +41,7 @@ def plot_bands(curves: Mapping[str, Sequence[Mapping[str, Sequence[tuple[int, fl
                 continue
             v = np.array([[c[t] for t in steps] for c in per_seed])
             ax.fill_between(steps, v.min(0), v.max(0), color=COLOURS.get(kinds[row]), alpha=0.2)
-            ax.plot(steps, v.mean(0), style[row], color=COLOURS.get(kinds[row]),
+            ax.plot(steps, v.mean(0), linestyle=style[row], color=COLOURS.get(kinds[row]),
                     label=f"{row} ({len(per_seed)} seeds)")
             drawn = True
     return finish_curves(fig, axes, drawn, title, path)
@@ -67,7 +68,7 @@ def plot_code_counts(counts: Mapping[str, Sequence[Sequence[int]]], kinds: Mappi
             if used.size == 0:
                 continue
             label = f"{row} ({len(counts[row])} seeds, {len(c)} codes)" if i == 0 else None
-            ax.plot(np.arange(1, used.size + 1), used, style[row], color=COLOURS.get(kinds[row]), alpha=0.7,
+            ax.plot(np.arange(1, used.size + 1), used, linestyle=style[row], color=COLOURS.get(kinds[row]), alpha=0.7,
                     linewidth=1.0, label=label)
             drawn = True
     if not drawn:

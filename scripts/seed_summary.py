@@ -5,9 +5,9 @@
   python scripts/seed_summary.py LABEL=OUT LABEL=OUT ... --out REPORT --horizons 200,1000,2000
 
 OUT holds ``seed_<S>/results/<row>.json`` (scripts/evaluate.py records). Rows are compared with the STE row of the
-same codebase (``vqgan_ste``, ``vit_ste``). The verdict rule is :func:`verdict`, the one function every table uses:
-paired by seed, the mean difference with its 95% Student-t interval over seeds (n - 1 degrees of freedom); "better"
-/ "worse" only when the interval excludes 0, over at least 3 seeds; the sign count is kept beside it.
+same codebase (``vqgan_ste``, ``vit_ste``). The verdict rule is ``seed_rule.verdict``, the one function every table
+uses: paired by seed, the mean difference with its 95% Student-t interval over seeds (n - 1 degrees of freedom);
+"better" / "worse" only when the interval excludes 0, over at least 3 seeds; the sign count is kept beside it.
 
 Writes REPORT/seeds.md, REPORT/seeds.json and REPORT/training_seeds_{vqgan,vit}.png (training usage and
 quantization error against step, 50-step means: mean over seeds, band = min..max over seeds). The curves come from
@@ -19,7 +19,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -30,6 +29,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from adapters import canonical_targets  # noqa: E402
 from adapters.evaluation.records import dumps_record  # noqa: E402
+from seed_curves import (CURVE_BIN, CURVES, curve_points, embed_curves, horizon_lines,  # noqa: E402,F401
+                         training_series)
+from seed_rule import MIN_SEEDS, RULE, T975, fmt, interval_text, mean_std, verdict  # noqa: E402,F401
 
 # metric key -> (column title, True if higher is better, format)
 METRICS: dict[str, tuple[str, bool, str]] = {
@@ -55,26 +57,10 @@ PAIRS: tuple[tuple[str, str, str], ...] = (("rot", "ste", "rotation (released) -
                                            ("rot_stage", "ste", "rotation per stage - STE"),
                                            ("rot_stage", "rot", "rotation per stage - over the sum"))
 SCHEMA_PREFIX = "rotation-trick-eval/"
-# A verdict needs at least this many seeds (its interval has n - 1 degrees of freedom).
-MIN_SEEDS = 3
-# Two-sided 95% quantiles of Student's t, t_{0.975, dof}, dof = 1..30 (tested against scipy.stats.t.ppf); beyond 30
-# the dof-30 value, which is conservative (larger than every later quantile).
-T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
-        2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
-        2.0518, 2.0484, 2.0452, 2.0423)
-RULE = ("'better'/'worse' (for the first row of the pair) only when the 95% Student-t interval of the mean paired "
-        "difference over seeds (n - 1 degrees of freedom) excludes 0, over at least 3 seeds ('too few seeds' below "
-        "that); else 'no clear difference'. The sign count (seeds in which the first row is better) is the second "
-        "column: all n seeds agreeing is a two-sided sign test at p = 2 x 0.5^n (0.25 for 3 seeds, 0.0625 for 5, "
-        "0.002 for 10). Several metrics and pairs are tested at once, with no multiplicity correction: at 5% each, "
-        "about one verdict in twenty among true null effects is expected to be spurious.")
-# The training curves kept per row: logged every few steps, stored and drawn as means over bins of CURVE_BIN steps.
-CURVES = ("codebook_usage", "quant_error")
 # The estimator, the one thing the arms of a comparison differ in: the gradient (both codebases' wrappers take it in
 # model.params), and with enhancing's residual stages where the rotation applies (an STE row has no scope, so
 # rotation per stage against STE is a pair too).
 ESTIMATOR_KEYS = ("model.params.gradient", "model.params.quantizer.rotation_scope")
-CURVE_BIN = 50
 
 
 def family_of(row: str) -> Optional[str]:
@@ -132,53 +118,6 @@ def metrics_of(rec: Mapping[str, Any]) -> dict[str, Optional[float]]:
     return {k: (None if m.get(k) is None else float(m[k])) for k in METRICS}
 
 
-def fmt(v: Optional[float], kind: str) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return {"pct": f"{100 * v:.2f}%", "int": f"{v:.0f}", "sci": f"{v:.2e}", "f4": f"{v:.4f}", "f2": f"{v:.2f}",
-            "f3": f"{v:.3f}", "f1": f"{v:.1f}"}[kind]
-
-
-def mean_std(vals: Sequence[float]) -> tuple[float, float]:
-    n = len(vals)
-    mu = sum(vals) / n
-    sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / (n - 1)) if n > 1 else float("nan")
-    return mu, sd
-
-
-def t_interval(diffs: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the mean of ``diffs`` and its two-sided 95% Student-t interval (n - 1 dof; n >= 2)."""
-    n = len(diffs)
-    mu, sd = mean_std(diffs)
-    half = T975[min(n - 1, len(T975)) - 1] * sd / math.sqrt(n)
-    return mu, mu - half, mu + half
-
-
-def verdict(diffs: Sequence[float], higher_better: bool) -> dict[str, Any]:
-    """The verdict rule (``RULE``) for paired differences row - baseline over seeds, in one place for every table.
-
-    Returns ``verdict`` (better / worse / no clear difference / too few seeds, for the row), ``mean``, ``ci``
-    ([low, high], the 95% t interval; None below 2 seeds), ``signs`` ("k/n": seeds where the row is better) and
-    ``basis`` (one line saying why)."""
-    n = len(diffs)
-    better = sum((d > 0) if higher_better else (d < 0) for d in diffs)
-    out: dict[str, Any] = {"mean": sum(diffs) / n if n else None, "ci": None, "signs": f"{better}/{n}"}
-    if n >= 2:
-        mu, lo, hi = t_interval(diffs)
-        out["ci"] = [lo, hi]
-    if n < MIN_SEEDS:
-        out.update(verdict="too few seeds", basis=f"{n} of the {MIN_SEEDS} seeds a verdict needs")
-        return out
-    lo, hi = out["ci"]
-    if lo > 0 or hi < 0:
-        side = "above" if lo > 0 else "below"
-        v = "better" if (lo > 0) == higher_better else "worse"
-        out.update(verdict=v, basis=f"95% t interval {side} 0 ({n} seeds, {n - 1} dof)")
-    else:
-        out.update(verdict="no clear difference", basis=f"95% t interval includes 0 ({n} seeds, {n - 1} dof)")
-    return out
-
-
 def collect(out: Path, label: Optional[str] = None) -> dict[str, dict[int, dict[str, Any]]]:
     """row -> seed -> record (with ``_path``), from OUT/seed_<S>/results/*.json; rows are ``label/row`` with a
     label. A file that is not an evaluation record (another schema) is named on stderr and left out."""
@@ -233,14 +172,6 @@ def compare(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], row: str, base:
     return result
 
 
-def interval_text(m: Mapping[str, Any], kind: str, diff: Any = None) -> str:
-    """``mean [low, high]`` of a verdict (``diff`` formats a difference; default ``fmt``)."""
-    f = diff or (lambda v: fmt(v, kind))
-    if m.get("mean") is None:
-        return "-"
-    return f(m["mean"]) + (f" [{f(m['ci'][0])}, {f(m['ci'][1])}]" if m.get("ci") else "")
-
-
 def comparison_lines(c: Mapping[str, Any]) -> list[str]:
     head = f"**{c['row']} vs {c['baseline']}** ({c['meaning']}; paired by seed; seeds {', '.join(map(str, c['seeds']))}"
     head += f"; step {c['step']}" if c.get("step") else ""
@@ -254,69 +185,6 @@ def comparison_lines(c: Mapping[str, Any]) -> list[str]:
         lines.append(f"| {title} | {', '.join(fmt(d, kind) for d in m['diffs'])} | {interval_text(m, kind)} | "
                      f"{m['verdict']} | {m['signs']} | {m['basis']} |")
     return lines + [""]
-
-
-def bin_means(points: Sequence[tuple[int, float]], every: int = CURVE_BIN) -> list[tuple[int, float]]:
-    """The mean of the logged values in each bin (t - every, t], labelled t (a multiple of ``every``).
-
-    Per-batch values are noisy, and a run logs at steps such as 9, 19, ..., 1999: keeping only the points at
-    multiples of ``every`` kept almost nothing. Bin means are what the figures and the horizon table read, whether
-    the curve came from a run folder or from a record that stored it."""
-    bins: dict[int, list[float]] = {}
-    for s, v in points:
-        bins.setdefault(-(-int(s) // every) * every, []).append(float(v))
-    return [(t, sum(vs) / len(vs)) for t, vs in sorted(bins.items())]
-
-
-def training_series(rec: Mapping[str, Any]) -> dict[str, list[tuple[int, float]]]:
-    """Training usage and quantization error of a record's run as 50-step bin means: the curves the record stored
-    (``training_curves``, see :func:`embed_curves`) or, failing that, its run folder's logs; {} when neither is
-    there (a run folder that was not kept)."""
-    stored = rec.get("training_curves")
-    if stored:
-        return {name: [(int(t), float(v)) for t, v in zip(*stored[name])] for name in CURVES if name in stored}
-    from make_tables import find_log_dir, pick_series, read_scalars
-
-    d = find_log_dir(rec)
-    if d is None:
-        return {}
-    s = read_scalars(d)
-    out = {}
-    for name in CURVES:
-        pts = pick_series(s, name)
-        if pts:
-            out[name] = bin_means(pts)
-    return out
-
-
-def curve_points(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """The stored form of :func:`training_series`: ``{"every": 50, name: [[step, ...], [mean, ...]]}``, {} if none."""
-    series = training_series(rec)
-    if not series:
-        return {}
-    out: dict[str, Any] = {"every": CURVE_BIN}
-    for name, pts in series.items():
-        out[name] = [[float(t) for t, _ in pts], [v for _, v in pts]]
-    return out
-
-
-def embed_curves(rows: Mapping[str, Mapping[int, dict[str, Any]]]) -> list[str]:
-    """Write each record's training curves into the record file (key ``training_curves``) when its run folder is
-    still there and the record has none yet, so that the figures and the horizon table can be redrawn after the run
-    folders are gone. Returns the paths written."""
-    written = []
-    for per in rows.values():
-        for rec in per.values():
-            if rec.get("training_curves"):
-                continue
-            curves = curve_points(rec)
-            if not curves:
-                continue
-            rec["training_curves"] = curves
-            path = Path(rec["_path"])
-            path.write_text(dumps_record({k: v for k, v in rec.items() if k != "_path"}))
-            written.append(str(path))
-    return written
 
 
 def _family_rows(rows: Mapping[str, Any], family: str) -> list[str]:
@@ -339,35 +207,6 @@ def plot_family(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], family: str
                         "per seed", report / f"codebook_seeds_{family}.png"):
         lines.append(f"![codebook usage](codebook_seeds_{family}.png)")
     return lines + [""] if lines else []
-
-
-def window_mean(points: Sequence[tuple[int, float]], step: int, window: int = 50) -> Optional[float]:
-    """Mean of a logged training series over (step - window, step]: per-batch values are noisy, a window is not."""
-    vals = [v for s, v in points if step - window < s <= step]
-    return sum(vals) / len(vals) if vals else None
-
-
-def horizon_lines(rows: Mapping[str, Mapping[int, Mapping[str, Any]]], names: Sequence[str],
-                  horizons: Sequence[int]) -> tuple[list[str], dict[str, Any]]:
-    """Training usage per batch and quantization error at each horizon (mean of the 50 logged steps up to it),
-    mean ± std over the seeds whose curves are there: how the picture changes with training length, for every row."""
-    table: dict[str, Any] = {}
-    lines = ["Training curves at each horizon (mean over the 50 steps up to it; mean ± std over the seeds whose "
-             "curves were kept):", "",
-             "| row | seeds | " + " | ".join(f"usage / batch @{h} | quant. error @{h}" for h in horizons) + " |",
-             "|---|---|" + "---|---|" * len(horizons)]
-    for row in names:
-        by_seed = {seed: training_series(r) for seed, r in sorted(rows[row].items())}
-        series = [s for s in by_seed.values() if s]
-        cells, entry = [], {"seeds": [seed for seed, s in by_seed.items() if s]}
-        for h in horizons:
-            for name, kind in (("codebook_usage", "pct"), ("quant_error", "sci")):
-                vals = [v for v in (window_mean(s[name], h) for s in series if name in s) if v is not None]
-                entry[f"{name}@{h}"] = mean_std(vals) if vals else None
-                cells.append("-" if not vals else f"{fmt(mean_std(vals)[0], kind)} ± {fmt(mean_std(vals)[1], kind)}")
-        table[row] = entry
-        lines.append(f"| {row} | {', '.join(map(str, entry['seeds'])) or '-'} | " + " | ".join(cells) + " |")
-    return lines + [""], table
 
 
 def records_digest(rows: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[str]:

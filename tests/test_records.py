@@ -317,3 +317,14 @@ def _logged_runs_written(tmp_path: Path) -> Path:
     for (seed, row), rec in _logged_runs(tmp_path).items():
         _write(out, seed, row, rec, compact=True)
     return out
+
+
+def test_each_label_of_a_figure_gets_its_own_line_style() -> None:
+    """The remedies study draws five labels in one figure: the fifth must not repeat the first's style."""
+    import seed_plots
+
+    rows = [f"{label}/vit_{e}" for label in ("ema", "ema_dead", "plain", "residual", "simvq") for e in ("ste", "rot")]
+    styles = seed_plots._styles(rows)
+    assert len({repr(styles[f"{label}/vit_ste"]) for label in ("ema", "ema_dead", "plain", "residual", "simvq")}) == 5
+    assert all(styles[f"{label}/vit_ste"] == styles[f"{label}/vit_rot"] for label in ("ema", "simvq"))
+    assert seed_plots.COLOURS["rot_stage"] not in (seed_plots.COLOURS["ste"], seed_plots.COLOURS["rot"])
