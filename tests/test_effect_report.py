@@ -72,6 +72,25 @@ def test_the_committed_report_matches_the_committed_summary() -> None:
             f"--kind {kind}"
 
 
+def test_every_committed_remedy_record_is_in_its_committed_summary() -> None:
+    """A record copied into docs/report/remedies/ without rerunning its summary would be missing from the report's
+    tables: each ViT-VQGAN record must be in remedies/seeds.json, each VQGAN record in remedies/vqgan/seeds.json."""
+    import make_tables
+
+    report = ROOT / "docs" / "report" / "remedies"
+    missing = []
+    for family, summary in (("vit", report / "seeds.json"), ("vqgan", report / "vqgan" / "seeds.json")):
+        files = sorted(report.glob(f"*/seed_*/results/{family}_*.json"))
+        if not summary.is_file():
+            assert files == [], f"records of {family} but no {summary.relative_to(ROOT)}"
+            continue
+        kept = set(json.loads(summary.read_text())["records"])
+        missing += [str(f.relative_to(ROOT)) for f in files
+                    if make_tables.record_digests([{"_path": str(f)}])[0] not in kept]
+    assert missing == [], "rerun the remedies section's seed_summary commands (docs/report/README.md): " + \
+        ", ".join(missing)
+
+
 # --- the verdict rule (issue 24 item 5): one function, a 95% t interval, the sign count beside it ----------------
 def test_t_quantiles_match_scipy() -> None:
     stats = pytest.importorskip("scipy.stats")
