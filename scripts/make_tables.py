@@ -35,6 +35,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, also when loaded by file path
+
+from run_logs import find_log_dir, last_value, pick_series, read_scalars, run_label  # noqa: E402,F401
+from table_plots import COLOURS, finish_curves, plot_training, plot_usage  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,77 +108,6 @@ def load_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         raise SystemExit(f"make_tables: no evaluation records (schema rotation-trick-eval/1) in {list(map(str, paths))}; "
                          f"write some with scripts/evaluate.py --out")
     return records
-
-
-def run_label(rec: Mapping[str, Any]) -> str:
-    row = rec.get("row", {})
-    if row.get("label"):
-        return str(row["label"])
-    m = rec.get("model", {})
-    return f"{m.get('gradient')} {m.get('latent_shape')}"
-
-
-def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalar series under a run folder: Lightning CSV ``metrics.csv`` files and TensorBoard event files."""
-    series: dict[str, dict[int, float]] = {}
-    for csv_path in sorted(log_dir.rglob("metrics.csv")):
-        with open(csv_path, newline="") as f:
-            for row in csv.DictReader(f):
-                step = row.get("step")
-                if step in (None, ""):
-                    continue
-                for k, v in row.items():
-                    if k in ("step", "epoch") or v in (None, ""):
-                        continue
-                    try:
-                        series.setdefault(k, {})[int(float(step))] = float(v)
-                    except ValueError:
-                        continue
-    events = sorted(log_dir.rglob("events.out.tfevents.*"))
-    if events:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        for ev in events:
-            acc = EventAccumulator(str(ev), size_guidance={"scalars": 0})
-            acc.Reload()
-            for tag in acc.Tags().get("scalars", []):
-                for e in acc.Scalars(tag):
-                    series.setdefault(tag, {})[int(e.step)] = float(e.value)
-    return {k: sorted(v.items()) for k, v in series.items()}
-
-
-def find_log_dir(rec: Mapping[str, Any]) -> Optional[Path]:
-    """The training run folder of a record: the checkpoint's folder or the one above it (latent-diffusion's
-    ``<run>/checkpoints/``, enhancing-transformers' ``<run>/ckpt/``), when it holds scalar logs; else None.
-
-    Never higher: once a run folder is deleted, a folder above it holds other runs' logs (the other estimator's row,
-    a rerun), and a record must not borrow their curves."""
-    ckpt = (rec.get("checkpoint") or {}).get("path")
-    if rec.get("row", {}).get("log_dir"):
-        d = Path(rec["row"]["log_dir"])  # relative: to the record's folder
-        return d if d.is_absolute() or "_path" not in rec else Path(rec["_path"]).parent / d
-    if not ckpt:
-        return None
-    for p in (Path(ckpt).parent, Path(ckpt).parent.parent):
-        if p.is_dir() and (any(p.rglob("metrics.csv")) or any(p.rglob("events.out.tfevents.*"))):
-            return p
-    return None
-
-
-def pick_series(series: Mapping[str, list[tuple[int, float]]], name: str, split: str = "train"
-                ) -> Optional[list[tuple[int, float]]]:
-    """Per-step series of ``{split}/{name}`` (Lightning's ``_step`` variant first, then the plain key)."""
-    for key in (f"{split}/{name}_step", f"{split}/{name}", f"{split}/{name}_epoch"):
-        if key in series and series[key]:
-            return series[key]
-    return None
-
-
-def last_value(series: Mapping[str, list[tuple[int, float]]], keys: Sequence[str]) -> Optional[float]:
-    for k in keys:
-        if k in series and series[k]:
-            return series[k][-1][1]
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,91 +258,6 @@ def render_direction(items: Sequence[Mapping[str, Any]]) -> str:
                    f"{it['metric']} | {fmt(it['key'], it['ours_rotation'])} | {fmt(it['key'], it['ours_baseline'])} | "
                    f"{it['ours'] or '-'} | {it['paper'] or '-'} | {agree} |")
     return "\n".join(out) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Plots
-# ---------------------------------------------------------------------------------------------------------------
-COLOURS = {"ste": "tab:blue", "rotation": "tab:red", "gumbel": "tab:green"}
-
-
-def plot_usage(records: Sequence[Mapping[str, Any]], table: int, path: Path) -> bool:
-    """Sorted code counts (most used first) per model on the evaluation set; x = rank / codebook size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    recs = [r for r in records if r["row"]["table"] == table and r.get("code_counts")]
-    if not recs:
-        return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for r in recs:
-        counts = np.sort(np.asarray(r["code_counts"], dtype=float))[::-1]
-        frac = counts / max(counts.sum(), 1.0)
-        x = np.arange(1, len(counts) + 1) / len(counts)
-        ax.plot(x, np.where(frac > 0, frac, np.nan), color=COLOURS.get(r["row"]["approach"]),
-                label=f"{run_label(r)} ({100 * r['metrics']['codebook_usage_whole_set']:.1f}% used)")
-    ax.set_yscale("log")
-    ax.set_xlabel("code rank / codebook size")
-    ax.set_ylabel("share of latent vectors")
-    ax.set_title(f"Table {table}: sorted code counts on the evaluation set")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def plot_training(records: Sequence[Mapping[str, Any]], logs: Mapping[str, Mapping[str, list]], table: int,
-                  path: Path) -> bool:
-    """Training codebook usage and quantization error against step, one line per run (STE vs rotation vs Gumbel)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    recs = [r for r in records if r["row"]["table"] == table and r.get("_path") in logs]
-    if not recs:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
-    drawn = False
-    for r in recs:
-        s = logs[r["_path"]]
-        for ax, name in zip(axes, ("codebook_usage", "quant_error")):
-            pts = pick_series(s, name)
-            if pts:
-                steps, vals = [p[0] for p in pts], [p[1] for p in pts]
-                colour = COLOURS.get(r["row"]["approach"])
-                # Per-step values are noisy: raw faintly, a centred moving average (1/20 of the run) on top.
-                k = max(1, len(vals) // 20)
-                smooth = np.convolve(np.pad(vals, (k // 2, k - 1 - k // 2), mode="edge"), np.ones(k) / k, "valid")
-                ax.plot(steps, vals, color=colour, alpha=0.25, linewidth=0.8)
-                ax.plot(steps, smooth, color=colour, label=run_label(r))
-                drawn = True
-    return finish_curves(fig, axes, drawn, f"Table {table}: training curves, STE vs rotation", path)
-
-
-def finish_curves(fig: Any, axes: Sequence[Any], drawn: bool, title: str, path: Path) -> bool:
-    """Label the (usage, quantization error) against step panels and save them to ``path``; False if empty."""
-    import matplotlib.pyplot as plt
-
-    if not drawn:
-        plt.close(fig)
-        return False
-    axes[0].set_ylabel("train codebook usage (fraction per batch)")
-    axes[1].set_ylabel("train quantization error ||e - q||^2")
-    axes[1].set_yscale("log")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def render_report(records: Sequence[Mapping[str, Any]], tables_md: Sequence[str], directions: Sequence[Mapping],

@@ -32,7 +32,7 @@ def training_series(rec: Mapping[str, Any]) -> dict[str, list[tuple[int, float]]
     stored = rec.get("training_curves")
     if stored:
         return {name: [(int(t), float(v)) for t, v in zip(*stored[name])] for name in CURVES if name in stored}
-    from make_tables import find_log_dir, pick_series, read_scalars
+    from run_logs import find_log_dir, pick_series, read_scalars
 
     d = find_log_dir(rec)
     if d is None:

@@ -28,7 +28,7 @@ def plot_bands(curves: Mapping[str, Sequence[Mapping[str, Sequence[tuple[int, fl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from make_tables import finish_curves
+    from table_plots import finish_curves
 
     style = _styles(list(curves))
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.0))
