@@ -45,7 +45,8 @@
 #   --init upstream|kmeans small: the codebook initialisation of every row (default upstream: each codebase's own
 #                          draw; kmeans: k-means on the first training batch's encoder outputs, issue 17)
 #   --remedy NAME          small, with --init kmeans: every row with one collapse remedy (issue 24): plain (default),
-#                          ema (EMA codebook, decay 0.99), ema_dead (ema + dead-code restarts under an EMA count of
+#                          ema (EMA codebook, decay 0.99), ema08 (EMA at decay 0.8, vector-quantize-pytorch #167's
+#                          setting), ema_dead (ema + dead-code restarts under an EMA count of
 #                          0.03, a quarter of the uniform rate 1,024/8,192 per batch), simvq (SimVQ's linear map of a
 #                          frozen codebook), residual (ViT-VQGAN rows only: 2 residual stages, shared codebook; rows
 #                          vit_ste, vit_rot = rotation over the sum, vit_rot_stage = rotation per stage). Rows:
@@ -126,7 +127,7 @@ done
 [[ "$INIT" == upstream || "$INIT" == kmeans ]] || die "--init takes upstream or kmeans, got '$INIT'"
 [[ "$INIT" == upstream || "$SCALE" == small ]] || die "--init kmeans is wired for --scale small only; for other scales set codebook_init in the config (model.params.quantizer_config.codebook_init / model.params.quantizer.codebook_init)"
 [[ "$STEPS" =~ ^[1-9][0-9]*$ ]] || die "--steps needs a positive integer, got '$STEPS'"
-case "$REMEDY" in plain|ema|ema_dead|simvq|residual) ;; *) die "--remedy takes plain, ema, ema_dead, simvq or residual, got '$REMEDY'" ;; esac
+case "$REMEDY" in plain|ema|ema08|ema_dead|simvq|residual) ;; *) die "--remedy takes plain, ema, ema08, ema_dead, simvq or residual, got '$REMEDY'" ;; esac
 [[ "$REMEDY" == plain || ( "$SCALE" == small && "$INIT" == kmeans ) ]] || die "--remedy $REMEDY is wired for --scale small --init kmeans only (issue 24's study); elsewhere set the quantizer options in the config (README, 'Collapse remedies')"
 if [[ -n "$CKPTS" && "$FRESH" == 1 ]]; then die "--fresh and --checkpoints exclude each other"; fi
 [[ -z "$CKPTS" || -z "$SEEDS" ]] || die "--checkpoints and --seeds exclude each other: --seeds trains every seed; evaluate given checkpoints with one run per seed (--checkpoints DIR --seed S)"
@@ -214,6 +215,7 @@ elif [[ "$SCALE" == small ]]; then
     # VQGAN rows take quantizer overrides; ViT-VQGAN rows name a config per remedy (configs/small_kmeans_<remedy>_*).
     case "$REMEDY" in
       ema) q="model.params.quantizer_config.codebook_update=ema"; what="EMA codebook" ;;
+      ema08) q="model.params.quantizer_config.codebook_update=ema model.params.quantizer_config.ema_decay=0.8"; what="EMA codebook, decay 0.8" ;;
       ema_dead) q="model.params.quantizer_config.codebook_update=ema model.params.quantizer_config.dead_code_threshold=0.03"; what="EMA + dead-code restarts" ;;
       simvq) q="model.params.quantizer_config.codebook_param=simvq"; what="SimVQ" ;;
       residual) q=""; what="2 residual stages" ;;

@@ -10,6 +10,7 @@ from conftest import ROOT
 from adapters.evaluation.model_loading import load_config
 
 REMEDIES = {"ema": {"codebook_update": "ema"},
+            "ema08": {"codebook_update": "ema", "ema_decay": 0.8},
             "ema_dead": {"codebook_update": "ema", "dead_code_threshold": 0.03},
             "simvq": {"codebook_param": "simvq"},
             "residual": {"use_residual": True, "num_quantizers": 2}}

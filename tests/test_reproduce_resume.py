@@ -157,6 +157,19 @@ def test_remedy_rows_set_the_remedy_in_both_arms(tmp_path: Path) -> None:
     assert "small_rot_vqgan" in rot and "small_vqgan" in ste
     res, _ = _run(tmp_path, "--rows", "vqgan_ste", "--remedy", "ema")
     assert res.returncode == 2 and "--init kmeans" in res.stderr
+    res, _ = _run(tmp_path, "--rows", "vqgan_ste", "--init", "kmeans", "--remedy", "ema8")
+    assert res.returncode == 2 and "--remedy takes plain, ema, ema08" in res.stderr
+
+
+def test_ema08_rows_are_the_ema_rows_at_decay_0_8(tmp_path: Path) -> None:
+    """#167's setting: both arms get the EMA codebook and decay 0.8 (VQGAN overrides, ViT-VQGAN configs)."""
+    res, calls = _run(tmp_path, "--rows", "vqgan_ste,vqgan_rot,vit_ste,vit_rot", "--steps", "64", "--init", "kmeans",
+                      "--remedy", "ema08")
+    assert res.returncode == 0, res.stderr
+    ste, rot, vit_ste, vit_rot = _trainer_calls(calls)
+    for call in (ste, rot):
+        assert "codebook_update=ema" in call and "ema_decay=0.8" in call and "dead_code_threshold" not in call
+    assert "small_kmeans_ema08_vitvqgan" in vit_ste and "small_kmeans_ema08_rot_vitvqgan" in vit_rot
     res, _ = _run(tmp_path, "--rows", "vqgan_ste", "--init", "kmeans", "--remedy", "residual")
     assert res.returncode == 2 and "unknown row 'vqgan_ste'" in res.stderr
 
