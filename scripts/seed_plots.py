@@ -57,6 +57,7 @@ def plot_code_counts(counts: Mapping[str, Sequence[Sequence[int]]], kinds: Mappi
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from table_plots import save_figure
 
     style = _styles(list(counts))
     fig, ax = plt.subplots(figsize=(7.0, 4.5))
@@ -79,8 +80,4 @@ def plot_code_counts(counts: Mapping[str, Sequence[Sequence[int]]], kinds: Mappi
     ax.set_xlabel("code rank (codes sorted by use; the line ends at the number of codes used)")
     ax.set_ylabel("latent vectors quantized to the code")
     ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, title, path)

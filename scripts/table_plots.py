@@ -34,10 +34,7 @@ def plot_usage(records: Sequence[Mapping[str, Any]], table: int, path: Path) -> 
     ax.set_ylabel("share of latent vectors")
     ax.set_title(f"Table {table}: sorted code counts on the evaluation set")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, None, path)
 
 
 def plot_training(records: Sequence[Mapping[str, Any]], logs: Mapping[str, Mapping[str, list]], table: int,
@@ -83,7 +80,15 @@ def finish_curves(fig: Any, axes: Sequence[Any], drawn: bool, title: str, path: 
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    fig.suptitle(title)
+    return save_figure(fig, title, path)
+
+
+def save_figure(fig: Any, title: str | None, path: Path) -> bool:
+    """Title (a figure-wide one, if given), lay out, write ``path`` at 120 dpi and close: every report figure's end."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
