@@ -1,8 +1,9 @@
 """Evaluation records on disk: JSON that stays small and diffable (issue 17, item 5).
 
 A record holds per-code counts (8,192 numbers for the paper's codebooks). Written with ``indent`` they took one line
-each (~8,400 lines a record); here every list of plain numbers goes on one line and everything else keeps one key
-per line. Both forms are the same JSON: ``json.loads`` (make_tables.py, seed_summary.py) reads either unchanged.
+each (~8,400 lines a record); here every list of plain numbers (or strings) goes on one line, deep dicts of leaves
+too (see ``_dump``), and everything else keeps one key per line. Both forms are the same JSON: ``json.loads``
+(make_tables.py, seed_summary.py) reads either unchanged.
 """
 from __future__ import annotations
 
@@ -18,18 +19,25 @@ def _is_number_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, _SCALARS) for v in value)
 
 
+def _is_curve(value: Any) -> bool:
+    """A list of number lists (a binned curve's ``[[steps], [values]]``)."""
+    return isinstance(value, list) and bool(value) and all(_is_number_list(v) for v in value)
+
+
 def _dump(value: Any, level: int, indent: int) -> str:
     pad, inner = " " * (indent * level), " " * (indent * (level + 1))
     # deep dicts of scalars, strings and number lists (a summary's per-seed metrics, a verdict with its words,
-    # differences and interval) on one line: they are leaves, read as one (a remedies summary compares ~30 pairs of
-    # 9 metrics: one line per verdict keeps it a few hundred lines)
+    # differences and interval; a seed's binned curves, [[steps], [values]] per series) on one line: they are
+    # leaves, read as one (a remedies summary compares ~35 pairs of 9 metrics over ~20 rows of 3 to 5 seeds: one line
+    # per verdict and per seed's curves keeps it under 1,000 lines)
     if isinstance(value, dict) and value and not (level >= 3 and all(
-            isinstance(v, _LEAF) or _is_number_list(v) for v in value.values())):
+            isinstance(v, _LEAF) or _is_number_list(v) or _is_curve(v) for v in value.values())):
         items = [f"{inner}{json.dumps(str(k))}: {_dump(v, level + 1, indent)}" for k, v in value.items()]
         return "{\n" + ",\n".join(items) + "\n" + pad + "}"
     # a list of number lists (a curve's [[steps], [values]]) is one line too
-    if isinstance(value, list) and value and not _is_number_list(value) \
-            and not all(_is_number_list(v) for v in value):
+    # and so is a list of plain strings (a summary's record digests: one a line made it grow by a line a record)
+    if isinstance(value, list) and value and not _is_number_list(value) and not _is_curve(value) \
+            and not all(isinstance(v, str) for v in value):
         return "[\n" + ",\n".join(inner + _dump(v, level + 1, indent) for v in value) + "\n" + pad + "]"
     return json.dumps(value)  # scalars, empty containers, and number lists on one line
 
