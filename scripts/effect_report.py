@@ -135,7 +135,8 @@ def remedy_main_table(summary: Mapping[str, Any]) -> list[str]:
 
 def remedy_question(c: Mapping[str, Any]) -> bool:
     """The comparisons the remedies section answers with: each remedy's estimator pair, each remedy against no
-    remedy (same estimator), restarts on top of EMA, decay 0.8 against 0.99, and pairs named with seed_summary --pairs."""
+    remedy (same estimator), restarts on top of EMA, decay 0.8 against 0.99, and pairs named with seed_summary
+    --pairs."""
     la, lb = c["row"].split("/", 1)[0], c["baseline"].split("/", 1)[0]
     same_row = c["row"].split("/", 1)[-1] == c["baseline"].split("/", 1)[-1]
     return la == lb or not same_row or lb in PLAIN or (la, lb) in (("ema_dead", "ema"), ("ema08", "ema"))
