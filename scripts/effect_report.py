@@ -38,6 +38,8 @@ REMEDIES = {"plain": "none", "ema": "EMA codebook", "ema08": "EMA codebook, deca
             "ema_dead": "EMA + dead-code restarts", "simvq": "SimVQ",
             "residual": "2 residual stages"}
 PLAIN = ("plain",)
+# remedies compared with another remedy on the same row: restarts on top of EMA, decay 0.8 against 0.99
+STEPPED = {("ema_dead", "ema"), ("ema08", "ema")}
 # The metrics of the MAIN table (all of seed_summary's but the per-element error) and of the VERDICTS table.
 MAIN = ("codebook_usage_per_batch", "codebook_usage_whole_set", "perplexity_whole_set", "dead_codes", "quant_error",
         "valid_loss", "psnr", "ssim")
@@ -139,7 +141,7 @@ def remedy_question(c: Mapping[str, Any]) -> bool:
     --pairs."""
     la, lb = c["row"].split("/", 1)[0], c["baseline"].split("/", 1)[0]
     same_row = c["row"].split("/", 1)[-1] == c["baseline"].split("/", 1)[-1]
-    return la == lb or not same_row or lb in PLAIN or (la, lb) in (("ema_dead", "ema"), ("ema08", "ema"))
+    return la == lb or not same_row or lb in PLAIN or (la, lb) in STEPPED
 
 
 def verdict_table(summary: Mapping[str, Any], keep: Any = None) -> list[str]:

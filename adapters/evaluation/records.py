@@ -29,7 +29,7 @@ def _dump(value: Any, level: int, indent: int) -> str:
     # deep dicts of scalars, strings and number lists (a summary's per-seed metrics, a verdict with its words,
     # differences and interval; a seed's binned curves, [[steps], [values]] per series) on one line: they are
     # leaves, read as one (a remedies summary compares ~35 pairs of 9 metrics over ~20 rows of 3 to 5 seeds: one line
-    # per verdict and per seed's curves keeps it under 1,000 lines)
+    # per verdict and per seed's curves keeps it near 1,000 lines)
     if isinstance(value, dict) and value and not (level >= 3 and all(
             isinstance(v, _LEAF) or _is_number_list(v) or _is_curve(v) for v in value.values())):
         items = [f"{inner}{json.dumps(str(k))}: {_dump(v, level + 1, indent)}" for k, v in value.items()]
